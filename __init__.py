@@ -1,0 +1,11 @@
+"""ComfyUI entry point of the FeRA node pack.
+
+Importing this package outside ComfyUI imports nothing of ComfyUI (fera_core stands alone);
+inside ComfyUI it exposes the V3 extension entry point and the web directory.
+"""
+import importlib.util
+
+WEB_DIRECTORY = "./web"
+
+if importlib.util.find_spec("comfy_api") is not None:
+    from .nodes.extension import comfy_entrypoint  # noqa: F401
