@@ -1,0 +1,17 @@
+"""The pack's V3 extension: registers the model folder and the nodes."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import adapter_nodes
+from .files import register_folder
+
+
+class FeRAExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(adapter_nodes.NODES)
+
+
+async def comfy_entrypoint() -> FeRAExtension:
+    register_folder()
+    return FeRAExtension()

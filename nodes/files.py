@@ -1,0 +1,30 @@
+"""Where adapter files live: models/fera (a registered model folder), with models/loras offered too."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+from ..fera_core.adapter_file import FeRAAdapter, load_adapter
+
+FOLDER = "fera"
+EXTENSIONS = {".safetensors", ".pt", ".pth"}
+
+
+def register_folder() -> None:
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=True)
+    folder_paths.folder_names_and_paths[FOLDER][1].update(EXTENSIONS)
+
+
+def adapter_names() -> list[str]:
+    """Files of models/fera, then those of models/loras (read as FeRA adapters only if they are)."""
+    names = folder_paths.get_filename_list(FOLDER)
+    lora_names = [n for n in folder_paths.get_filename_list("loras") if os.path.splitext(n)[1] in EXTENSIONS]
+    return names + sorted(set(lora_names) - set(names))
+
+
+def load_named_adapter(name: str, reference_alpha: float = 1.0, reference_tau: float = 0.7) -> FeRAAdapter:
+    path = folder_paths.get_full_path(FOLDER, name) or folder_paths.get_full_path_or_raise("loras", name)
+    if path.endswith(".safetensors"):
+        return load_adapter(path)
+    return load_adapter(path, alpha=reference_alpha, tau=reference_tau)

@@ -1,0 +1,140 @@
+"""FeRA at sampling time on a ComfyUI ModelPatcher.
+
+One APPLY_MODEL wrapper routes each model call: it reads the band energies of the latent
+rows the network receives (before concat-conditioning channels are appended; e_t is
+invariant to the sampler's per-row input scaling), runs the router once, and leaves the
+per-row expert gains on a small state object for the duration of the call. Each adapted
+layer gets a forward hook, installed with add_object_patch so that ComfyUI applies and
+reverts it with the model's other patches and its weight casting and offloading keep
+working. Everything lives on the patcher clone: two FeRA models never share routing.
+"""
+from __future__ import annotations
+
+import copy
+import uuid
+from collections import OrderedDict
+
+import torch
+
+import comfy.patcher_extension as ext
+
+from ..fera_core.adapter_file import FeRAAdapter
+from ..fera_core.experts import add_experts, expert_gains
+from ..fera_core.indicator import band_energies
+from ..fera_core.router import RoutingControls
+from ..fera_core.trace import RoutingTrace
+from .keys import diffusers_to_comfy
+
+WRAPPER_KEY = "fera"
+
+
+class AdapterMismatchError(ValueError):
+    """The adapter's layers do not all exist, with matching shapes, in the model."""
+
+
+def match_layers(model, adapter: FeRAAdapter) -> dict[str, list[tuple[str, tuple[int, int] | None]]]:
+    """{ComfyUI module path: [(adapter layer path, output slice), ...]}; refuses any partial fit."""
+    names = diffusers_to_comfy(model)
+    targets: dict[str, list] = {}
+    unmatched, misfit = [], []
+    for path, experts in adapter.layers.items():
+        if path not in names:
+            unmatched.append(path)
+            continue
+        comfy_path, out_slice = names[path]
+        layer = model.get_submodule(comfy_path)
+        in_f = getattr(layer, "in_features", getattr(layer, "in_channels", None))
+        out_f = out_slice[1] if out_slice else getattr(layer, "out_features", getattr(layer, "out_channels", None))
+        conv = isinstance(layer, torch.nn.Conv2d)
+        if (in_f, out_f, conv) != (experts.in_features, experts.out_features, experts.down.ndim == 4):
+            misfit.append(f"{path} -> {comfy_path}: experts (in {experts.in_features}, out {experts.out_features}), "
+                          f"layer (in {in_f}, out {out_f})")
+            continue
+        targets.setdefault(comfy_path, []).append((path, out_slice))
+    if unmatched or misfit:
+        total = len(adapter.layers)
+        raise AdapterMismatchError(
+            f"FeRA adapter (base model '{adapter.config.base_model}') does not fit {type(model).__name__}: "
+            f"{total - len(unmatched) - len(misfit)} of {total} layers match, {len(unmatched)} have no "
+            f"counterpart (e.g. {unmatched[:3]}), {len(misfit)} have other shapes (e.g. {misfit[:2]}). "
+            "Nothing was patched.")
+    return targets
+
+
+class FeRARouting:
+    """State of one applied adapter: its settings, and the expert gains of the model call in progress."""
+
+    def __init__(self, adapter: FeRAAdapter, strength: float, controls: RoutingControls,
+                 start_percent: float = 0.0, end_percent: float = 1.0, trace: RoutingTrace | None = None):
+        self.adapter, self.strength, self.controls = adapter, strength, controls.check(adapter.config.num_experts)
+        if not 0.0 <= start_percent <= end_percent <= 1.0:
+            raise ValueError(f"need 0 <= start_percent <= end_percent <= 1, got {start_percent}, {end_percent}")
+        self.start_percent, self.end_percent, self.trace = start_percent, end_percent, trace
+        self.gains: torch.Tensor | None = None
+        self._cast: dict = {}
+
+    def release(self, *_args) -> None:
+        """Drop device copies of the weights (after sampling)."""
+        self._cast.clear()
+
+    def _on(self, device, dtype):
+        """Router (float32) and experts cast to a device/dtype once per sampling run, not per call."""
+        key = (device, dtype)
+        if key not in self._cast:
+            router = copy.deepcopy(self.adapter.router).to(device=device, dtype=torch.float32)
+            experts = {path: (e.down.detach().to(device, dtype), e.up.detach().to(device, dtype))
+                       for path, e in self.adapter.layers.items()}
+            self._cast[key] = (router, experts)
+        return self._cast[key]
+
+    def __call__(self, executor, x, t, *args, **kwargs):
+        """APPLY_MODEL wrapper: route this call's rows, run the model, forget the routing."""
+        cfg = self.adapter.config
+        router, _ = self._on(x.device, x.dtype)
+        energies = band_energies(x, cfg.num_bands, cfg.indicator)
+        weights = router(energies, self.controls)
+        if (self.start_percent, self.end_percent) != (0.0, 1.0):
+            sampling = executor.class_obj.model_sampling
+            hi, lo = sampling.percent_to_sigma(self.start_percent), sampling.percent_to_sigma(self.end_percent)
+            sigma = t.reshape(-1).to(weights.device, torch.float32)
+            weights = weights * ((sigma <= hi) & (sigma >= lo)).to(weights.dtype)[:, None]
+        if self.trace is not None:
+            options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
+            self.trace.record(energies, weights, t, options.get("cond_or_uncond"))
+        self.gains = expert_gains(weights, cfg.rank, cfg.scale, self.strength)
+        try:
+            return executor(x, t, *args, **kwargs)
+        finally:
+            self.gains = None
+
+    def hook(self, entries: list[tuple[str, tuple[int, int] | None]]):
+        """Forward hook for one ComfyUI layer carrying the experts of `entries`."""
+        def fera_forward_hook(layer, args, out):
+            if self.gains is None:
+                return None
+            x = args[0]
+            _, experts = self._on(x.device, x.dtype)
+            for path, out_slice in entries:
+                down, up = experts[path]
+                out = add_experts(out, x, down, up, self.gains, layer, out_slice)
+            return out
+        return fera_forward_hook
+
+
+def apply_fera(patcher, adapter: FeRAAdapter, strength: float = 1.0, controls: RoutingControls | None = None,
+               start_percent: float = 0.0, end_percent: float = 1.0, trace: RoutingTrace | None = None):
+    """A clone of `patcher` whose every model call routes the adapter's experts; `patcher` is untouched."""
+    routing = FeRARouting(adapter, strength, controls or RoutingControls(), start_percent, end_percent, trace)
+    targets = match_layers(patcher.model, adapter)
+    clone = patcher.clone()
+    if strength == 0:
+        return clone
+    clone.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY, routing)
+    clone.add_callback_with_key(ext.CallbacksMP.ON_CLEANUP, WRAPPER_KEY, routing.release)
+    hook_id = f"fera-{uuid.uuid4().hex}"
+    for comfy_path, entries in targets.items():
+        name = f"{comfy_path}._forward_hooks"
+        hooks = OrderedDict(clone.get_model_object(name))
+        hooks[hook_id] = routing.hook(entries)
+        clone.add_object_patch(name, hooks)
+    return clone

@@ -1,0 +1,279 @@
+"""Apply FeRA in a real ComfyUI (COMFYUI_PATH): tiny SD1.5-architecture models with random weights.
+
+The patched ModelPatcher is checked against fera_core's own computation on the same weights:
+plain torch forward hooks (fera_core.model.FeRALayer) on the same layers, routed from the
+latent rows the diffusion model receives.
+"""
+import pytest
+import torch
+
+from comfy_host import pack_module, setup_comfy
+
+setup_comfy()
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.ops  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.supported_models  # noqa: E402
+
+from fera_core import FeRAAdapter, FeRAConfig, RoutedExperts, band_energies  # noqa: E402
+from fera_core.model import FeRALayer  # noqa: E402
+from fera_core.trace import RoutingTrace  # noqa: E402
+
+routing_mod = pack_module("nodes.routing")
+keys = pack_module("nodes.keys")
+apply_fera = routing_mod.apply_fera
+
+TINY_UNET = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+    "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
+    "context_dim": 32, "num_head_channels": 8, "use_linear_in_transformer": False, "adm_in_channels": None,
+    "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def tiny_patcher(dtype=torch.float32, seed=0):
+    mc = comfy.supported_models.SD15(dict(TINY_UNET))
+    mc.set_inference_dtype(dtype, None)
+    model = mc.get_model({}, "model.diffusion_model.")
+    gen = torch.Generator().manual_seed(seed)
+    sd = {k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in model.diffusion_model.state_dict().items()}
+    model.diffusion_model.load_state_dict(sd)
+    model.diffusion_model.to(dtype)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def make_adapter(model, seed=1, targets=ATTENTION):
+    names = keys.diffusers_to_comfy(model)
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for path, (comfy_path, _) in names.items():
+        if path.endswith(targets) and "attn" in path:
+            layer = model.get_submodule(comfy_path)
+            e = RoutedExperts(layer.in_features, layer.out_features, 3, 4, 1.0)
+            with torch.no_grad():
+                e.up.copy_(torch.randn(e.up.shape, generator=gen) * 0.5)
+            layers[path] = e
+    adapter = FeRAAdapter(FeRAConfig(target_modules=list(targets), match_full_name=True, base_model="sd15",
+                                   indicator="partition"), layers)
+    with torch.no_grad():
+        for p in adapter.router.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    return adapter
+
+
+def latents():
+    """Two rows with very different spectra: smooth, and a pixel checkerboard."""
+    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    smooth = torch.sin(xx / 4 + yy / 5).expand(4, 8, 8) * 3
+    checker = ((xx + yy) % 2 * 2 - 1).expand(4, 8, 8) * 3
+    return torch.stack([smooth, checker])
+
+
+def conds(seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, 77, 32, generator=gen), {}]], [[torch.randn(1, 77, 32, generator=gen), {}]]
+
+
+def sample(patcher, positive=None, negative=None, steps=3, cfg=5.0, denoise=0.7):
+    pos, neg = conds()
+    gen = torch.Generator().manual_seed(7)
+    noise = torch.randn(2, 4, 8, 8, generator=gen)
+    out = comfy.sample.sample(patcher, noise, steps, cfg, "euler", "normal", positive or pos, negative or neg,
+                              latents(), denoise=denoise, seed=7, disable_pbar=True)
+    comfy.model_management.unload_all_models()
+    return out
+
+
+class PlainFeRA:
+    """fera_core's own FeRA on the ComfyUI modules: torch hooks, routing from the diffusion model's input."""
+
+    def __init__(self, model, adapters):
+        self.handles, self.layers = [], []
+        names = keys.diffusers_to_comfy(model)
+        for adapter, strength in adapters:
+            layers = [FeRALayer(p, model.get_submodule(names[p][0]), e) for p, e in adapter.layers.items()]
+
+            def route(_mod, args, adapter=adapter, layers=layers, strength=strength):
+                cfg = adapter.config
+                w = adapter.router(band_energies(args[0], cfg.num_bands, cfg.indicator)) * strength
+                for layer in layers:
+                    layer.set_routing_weights(w)
+
+            self.handles.append(model.diffusion_model.register_forward_pre_hook(route))
+            self.layers += layers
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        for layer in self.layers:
+            layer.remove()
+
+
+def expected(patcher, adapters, **kw):
+    """Sampling with fera_core's plain hooks for [(adapter, strength), ...]."""
+    plain = PlainFeRA(patcher.model, adapters)
+    try:
+        return sample(patcher, **kw)
+    finally:
+        plain.remove()
+
+
+def base_state(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: dict(m._forward_hooks) for n, m in model.named_modules() if m._forward_hooks})
+
+
+def assert_base_intact(model, state):
+    weights, hooks = state
+    now = model.state_dict()
+    assert weights.keys() == now.keys()
+    assert all(torch.equal(weights[k], now[k]) for k in weights)
+    assert {n: dict(m._forward_hooks) for n, m in model.named_modules() if m._forward_hooks} == hooks
+
+
+@pytest.fixture(scope="module")
+def patcher():
+    return tiny_patcher()
+
+
+@pytest.fixture(scope="module")
+def adapter(patcher):
+    return make_adapter(patcher.model)
+
+
+def test_patched_prediction_equals_fera_core_with_cfg_and_distinct_rows(patcher, adapter):
+    trace = RoutingTrace()
+    fera = apply_fera(patcher, adapter, 1.0, trace=trace)
+    got = sample(fera)
+    want = expected(patcher, [(adapter, 1.0)])
+    plain = sample(patcher)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-2, "experts had no visible effect"
+    rows = trace.rows()
+    assert len(rows) == 3 * 4  # 3 euler steps, cond + uncond of 2 latents per call
+    assert {r["cond"] for r in rows} == {"cond", "uncond"}
+    first = [r for r in rows if r["call"] == 0 and r["cond"] == "cond"]
+    assert first[0]["row"] == 0 and first[1]["row"] == 1
+    assert max(abs(a - b) for a, b in zip(first[0]["weights"], first[1]["weights"])) > 1e-3
+
+
+def test_strength_zero_is_bit_identical_and_base_is_restored(patcher, adapter):
+    state = base_state(patcher.model)
+    plain = sample(patcher)
+    assert torch.equal(sample(apply_fera(patcher, adapter, 0.0)), plain)
+    sample(apply_fera(patcher, adapter, 1.0))
+    assert_base_intact(patcher.model, state)
+    assert torch.equal(sample(patcher), plain)
+
+
+def test_failed_sampling_leaves_base_intact(patcher, adapter):
+    class Exploding(RoutingTrace):
+        def record(self, *args, **kwargs):
+            if self.calls:
+                raise RuntimeError("boom in the middle of sampling")
+            super().record(*args, **kwargs)
+
+    state = base_state(patcher.model)
+    plain = sample(patcher)
+    with pytest.raises(RuntimeError, match="boom"):
+        sample(apply_fera(patcher, adapter, 1.0, trace=Exploding()))
+    comfy.model_management.unload_all_models()
+    assert_base_intact(patcher.model, state)
+    assert torch.equal(sample(patcher), plain)
+
+
+def test_two_fera_models_do_not_share_routing(patcher, adapter):
+    other = make_adapter(patcher.model, seed=5)
+    a, b = apply_fera(patcher, adapter, 1.0), apply_fera(patcher, other, 1.0)
+    first = sample(a)
+    sample(b)
+    torch.testing.assert_close(sample(a), first, rtol=0, atol=0)
+    torch.testing.assert_close(sample(b), expected(patcher, [(other, 1.0)]), rtol=1e-5, atol=1e-5)
+
+
+def test_chains_with_second_adapter_and_lora(patcher, adapter):
+    other = make_adapter(patcher.model, seed=5)
+    chained = apply_fera(apply_fera(patcher, adapter, 1.0), other, 0.5)
+    both = sample(chained)
+    torch.testing.assert_close(both, expected(patcher, [(adapter, 1.0), (other, 0.5)]), rtol=1e-5, atol=1e-5)
+    only_a = sample(apply_fera(patcher, adapter, 1.0))
+    assert (both - only_a).abs().max() > 1e-3
+    # order of two FeRA applications does not matter (the updates add up)
+    torch.testing.assert_close(sample(apply_fera(apply_fera(patcher, other, 0.5), adapter, 1.0)), both,
+                               rtol=1e-5, atol=1e-5)
+    # a ComfyUI LoRA before or after FeRA composes the same way
+    import comfy.sd
+    names = keys.diffusers_to_comfy(patcher.model)
+    target = names["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v"][0]
+    layer = patcher.model.get_submodule(target)
+    gen = torch.Generator().manual_seed(9)
+    lora = {f"{target}.lora_up.weight": torch.randn(layer.out_features, 2, generator=gen),
+            f"{target}.lora_down.weight": torch.randn(2, layer.in_features, generator=gen)}
+    lora_first, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)
+    lora_then_fera = sample(apply_fera(lora_first, adapter, 1.0))
+    fera_then_lora, _ = comfy.sd.load_lora_for_models(apply_fera(patcher, adapter, 1.0), None, lora, 1.0, 0)
+    torch.testing.assert_close(sample(fera_then_lora), lora_then_fera, rtol=1e-5, atol=1e-5)
+    assert (lora_then_fera - only_a).abs().max() > 1e-3
+
+
+def test_area_conditioning_routes_the_rows_each_call_receives(patcher, adapter):
+    pos, neg = conds()
+    gen = torch.Generator().manual_seed(11)
+    area = [[torch.randn(1, 77, 32, generator=gen), {"area": (4, 4, 0, 0), "strength": 1.0}]]
+    positive = pos + area
+    got = sample(apply_fera(patcher, adapter, 1.0), positive=positive, negative=neg)
+    torch.testing.assert_close(got, expected(patcher, [(adapter, 1.0)], positive=positive, negative=neg),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_sigma_range_and_controls(patcher, adapter):
+    plain = sample(patcher)
+    assert torch.equal(sample(apply_fera(patcher, adapter, 1.0, start_percent=1.0, end_percent=1.0)), plain)
+    zero_gain = routing_mod.RoutingControls(gains=[0.0, 0.0, 0.0])
+    torch.testing.assert_close(sample(apply_fera(patcher, adapter, 1.0, zero_gain)), plain, rtol=1e-6, atol=1e-6)
+    forced = [sample(apply_fera(patcher, adapter, 1.0, routing_mod.RoutingControls.forced(m, 3))) for m in range(3)]
+    assert (forced[0] - forced[1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="start_percent"):
+        apply_fera(patcher, adapter, 1.0, start_percent=0.8, end_percent=0.2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models(dtype):
+    p32, p16 = tiny_patcher(), tiny_patcher(dtype)
+    adapter = make_adapter(p32.model)
+    want = sample(apply_fera(p32, adapter, 1.0))
+    got = sample(apply_fera(p16, adapter, 1.0))
+    assert torch.isfinite(got).all()
+    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+    assert (got - sample(p16)).abs().max() > 1e-2
+
+
+def test_layers_that_cast_weights_per_call(patcher, adapter):
+    want = sample(apply_fera(patcher, adapter, 1.0))
+    casts = [m for m in patcher.model.modules() if isinstance(m, comfy.ops.CastWeightBiasOp)]
+    assert casts
+    for m in casts:
+        m.comfy_cast_weights = True
+    try:
+        torch.testing.assert_close(sample(apply_fera(patcher, adapter, 1.0)), want, rtol=1e-6, atol=1e-6)
+    finally:
+        for m in casts:
+            m.comfy_cast_weights = False
+
+
+def test_adapter_that_does_not_fit_is_refused_without_patching(patcher, adapter):
+    bogus = FeRAAdapter(adapter.config, {**adapter.layers,
+                                         "mid_block.attentions.9.transformer_blocks.0.attn1.to_q": RoutedExperts(64, 64),
+                                         "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": RoutedExperts(7, 64)})
+    before = (dict(patcher.object_patches), {k: dict(v) for k, v in patcher.wrappers.items()})
+    with pytest.raises(routing_mod.AdapterMismatchError) as err:
+        apply_fera(patcher, bogus, 1.0)
+    msg = str(err.value)
+    n = len(adapter.layers)  # one layer added, one existing layer replaced by a misfit
+    assert f"{n - 1} of {n + 1} layers match, 1 have no counterpart" in msg and "1 have other shapes" in msg
+    assert "mid_block.attentions.9" in msg and "in 7" in msg and "Nothing was patched" in msg
+    assert (dict(patcher.object_patches), {k: dict(v) for k, v in patcher.wrappers.items()}) == before
