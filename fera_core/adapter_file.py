@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -108,6 +108,8 @@ def _check_tensors(sd, source) -> None:
     for key, value in sd.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise AdapterFileError(source, f"entry {key!r} is not a named tensor")
+        if value.ndim == 0:
+            raise AdapterFileError(source, f"{key} is a 0-d tensor; every FeRA tensor has at least one dimension")
         if value.dtype not in _FLOAT_DTYPES:
             raise AdapterFileError(source, f"{key} has dtype {value.dtype}; expected a floating-point dtype")
         if not torch.isfinite(value).all():
@@ -237,10 +239,10 @@ def save_adapter(adapter: FeRAAdapter, path) -> Path:
 def atomic_write(path, write) -> Path:
     """Call write(temporary path) beside `path`, then rename: a reader sees all or nothing."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = str(path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp"))
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # safetensors creates files 0600; a model file is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
