@@ -78,11 +78,11 @@ def conds(seed=3):
     return [[torch.randn(1, 77, 32, generator=gen), {}]], [[torch.randn(1, 77, 32, generator=gen), {}]]
 
 
-def sample(patcher, positive=None, negative=None, steps=3, cfg=5.0, denoise=0.7):
+def sample(patcher, positive=None, negative=None, steps=3, cfg=5.0, denoise=0.7, sampler="euler", scheduler="normal"):
     pos, neg = conds()
     gen = torch.Generator().manual_seed(7)
     noise = torch.randn(2, 4, 8, 8, generator=gen)
-    out = comfy.sample.sample(patcher, noise, steps, cfg, "euler", "normal", positive or pos, negative or neg,
+    out = comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, positive or pos, negative or neg,
                               latents(), denoise=denoise, seed=7, disable_pbar=True)
     comfy.model_management.unload_all_models()
     return out
@@ -159,6 +159,16 @@ def test_patched_prediction_equals_fera_core_with_cfg_and_distinct_rows(patcher,
     first = [r for r in rows if r["call"] == 0 and r["cond"] == "cond"]
     assert first[0]["row"] == 0 and first[1]["row"] == 1
     assert max(abs(a - b) for a, b in zip(first[0]["weights"], first[1]["weights"])) > 1e-3
+
+
+@pytest.mark.parametrize("sampler, scheduler", [("dpmpp_2m", "karras"), ("dpmpp_sde", "exponential"),
+                                                ("uni_pc", "sgm_uniform"), ("ddim", "ddim_uniform"),
+                                                ("euler_ancestral", "beta")])
+def test_samplers_and_schedulers(patcher, adapter, sampler, scheduler):
+    kw = dict(sampler=sampler, scheduler=scheduler, steps=4)
+    got = sample(apply_fera(patcher, adapter, 1.0), **kw)
+    torch.testing.assert_close(got, expected(patcher, [(adapter, 1.0)], **kw), rtol=1e-5, atol=1e-5)
+    assert (got - sample(patcher, **kw)).abs().max() > 1e-2
 
 
 def test_strength_zero_is_bit_identical_and_base_is_restored(patcher, adapter):
