@@ -39,12 +39,17 @@ def check_definition(definition: str) -> str:
     return definition
 
 
+def check_bands(num_bands) -> int:
+    if not isinstance(num_bands, int) or isinstance(num_bands, bool) or num_bands < 1:
+        raise ValueError(f"num_bands must be a positive integer, got {num_bands!r}")
+    return num_bands
+
+
 def reference_sigmas(height: int, width: int, num_bands: int) -> list[float]:
     kappa = min(height, width) / 128.0
     return [kappa * 2**k for k in range(num_bands)]
 
 
-@lru_cache(maxsize=64)
 def _blur_matrix(size: int, sigma: float) -> torch.Tensor:
     """(size, size) matrix M with M @ v == the reference's zero-padded 1-D Gaussian blur of v."""
     if sigma <= 0:
@@ -58,7 +63,6 @@ def _blur_matrix(size: int, sigma: float) -> torch.Tensor:
     return torch.where(inside, g[offset.clamp(0, k - 1)], torch.zeros((), dtype=torch.float64))
 
 
-@lru_cache(maxsize=64)
 def _dct_matrix(size: int) -> torch.Tensor:
     """Orthonormal DCT-II matrix (rows are frequencies)."""
     n = torch.arange(size, dtype=torch.float64)
@@ -67,7 +71,6 @@ def _dct_matrix(size: int) -> torch.Tensor:
     return d
 
 
-@lru_cache(maxsize=64)
 def _partition_masks(height: int, width: int, num_bands: int) -> torch.Tensor:
     """(n, H, W) 0/1 masks over DCT coefficients, low band first; they sum to one everywhere."""
     fy = torch.arange(height, dtype=torch.float64) / (2.0 * height)
@@ -78,8 +81,14 @@ def _partition_masks(height: int, width: int, num_bands: int) -> torch.Tensor:
     return torch.stack([(band == k) for k in range(num_bands)]).to(torch.float64)
 
 
-def _on(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.to(device=like.device, dtype=torch.float32)
+@lru_cache(maxsize=128)
+def _device_copy(builder, args: tuple, device: torch.device) -> torch.Tensor:
+    return builder(*args).to(device=device, dtype=torch.float32)
+
+
+def _on(builder, args: tuple, like: torch.Tensor) -> torch.Tensor:
+    """builder(*args) as float32 on like's device, built once per device: no host copy per call."""
+    return _device_copy(builder, args, like.device)
 
 
 def _as_images(z: torch.Tensor) -> torch.Tensor:
@@ -94,18 +103,19 @@ def _as_images(z: torch.Tensor) -> torch.Tensor:
 def band_components(z: torch.Tensor, num_bands: int = 3, definition: str = REFERENCE) -> list[torch.Tensor]:
     """The n band components of z (float32, z's shape), low-pass first."""
     check_definition(definition)
+    check_bands(num_bands)
     x = _as_images(z).float()
     h, w = x.shape[-2:]
     if definition == REFERENCE:
         sigmas = reference_sigmas(h, w, num_bands)
-        blurred = [_on(_blur_matrix(h, s), x) @ x @ _on(_blur_matrix(w, s), x).T for s in sigmas]
+        blurred = [_on(_blur_matrix, (h, s), x) @ x @ _on(_blur_matrix, (w, s), x).T for s in sigmas]
         pyramid = [x, *blurred]
         comps = [pyramid[-1]] + [pyramid[i] - pyramid[i + 1] for i in range(num_bands - 1, -1, -1)]
         comps = comps[:num_bands]
     else:
-        dh, dw = _on(_dct_matrix(h), x), _on(_dct_matrix(w), x)
+        dh, dw = _on(_dct_matrix, (h,), x), _on(_dct_matrix, (w,), x)
         coeffs = dh @ x @ dw.T
-        masks = _on(_partition_masks(h, w, num_bands), x)
+        masks = _on(_partition_masks, (h, w, num_bands), x)
         comps = [dh.T @ (coeffs * m) @ dw for m in masks]
     return [c.reshape(z.shape) for c in comps]
 
@@ -117,13 +127,14 @@ def band_energies(z: torch.Tensor, num_bands: int = 3, definition: str = REFEREN
     non-finite values get all-zero energies too, so the router still returns a finite mix.
     """
     check_definition(definition)
+    check_bands(num_bands)
     if definition == PARTITION:
         # Parseval: the energy of a band is the energy of its DCT coefficients.
         x = _as_images(z).float()
         h, w = x.shape[-2:]
-        coeffs = _on(_dct_matrix(h), x) @ x @ _on(_dct_matrix(w), x).T
+        coeffs = _on(_dct_matrix, (h,), x) @ x @ _on(_dct_matrix, (w,), x).T
         power = (coeffs**2).sum(dim=1)  # (B, H, W)
-        masks = _on(_partition_masks(h, w, num_bands), x)
+        masks = _on(_partition_masks, (h, w, num_bands), x)
         energy = torch.einsum("bhw,nhw->bn", power, masks)
     else:
         comps = band_components(z, num_bands, definition)

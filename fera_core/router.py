@@ -37,11 +37,20 @@ class RoutingControls:
                 continue
             if len(values) != num_experts:
                 raise ValueError(f"{name} needs one value per expert ({num_experts}), got {len(values)}: {list(values)}")
+            if isinstance(values, torch.Tensor):
+                continue  # made by on() from checked values; reading them back would sync the device
             if not all(math.isfinite(float(v)) for v in values):
                 raise ValueError(f"{name} must be finite numbers, got {list(values)}")
-        if self.mix is not None and (min(self.mix) < 0 or sum(self.mix) <= 0):
-            raise ValueError(f"mix must be non-negative with a positive sum, got {list(self.mix)}")
+            if name == "mix" and (min(values) < 0 or sum(values) <= 0):
+                raise ValueError(f"mix must be non-negative with a positive sum, got {list(values)}")
         return self
+
+    def on(self, device) -> "RoutingControls":
+        """These controls with mix and gains as float32 tensors on `device`: made once, so that
+        routing every step copies nothing from the host."""
+        def tensor(values):
+            return None if values is None else torch.tensor([float(v) for v in values], device=device)
+        return RoutingControls(self.tau, tensor(self.mix), tensor(self.gains))
 
     @staticmethod
     def forced(expert: int, num_experts: int) -> "RoutingControls":
@@ -63,15 +72,15 @@ class SoftFrequencyRouter(nn.Module):
         return self.net[2].out_features
 
     def forward(self, e_t: torch.Tensor, controls: RoutingControls | None = None) -> torch.Tensor:
-        controls = controls or RoutingControls()
+        controls = (controls or RoutingControls()).check(self.num_experts)
         w0 = self.net[0].weight
         e_t = e_t.to(device=w0.device, dtype=w0.dtype)
         if controls.mix is not None:
-            mix = torch.tensor(controls.mix, device=e_t.device, dtype=e_t.dtype)
+            mix = torch.as_tensor(controls.mix, device=e_t.device, dtype=e_t.dtype)
             alpha = (mix / mix.sum()).expand(e_t.shape[0], -1)
         else:
             tau = self.tau if controls.tau is None else controls.tau
             alpha = torch.softmax(self.net(e_t) / tau, dim=-1)
         if controls.gains is not None:
-            alpha = alpha * torch.tensor(controls.gains, device=e_t.device, dtype=e_t.dtype)
+            alpha = alpha * torch.as_tensor(controls.gains, device=e_t.device, dtype=e_t.dtype)
         return alpha

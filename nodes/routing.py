@@ -53,10 +53,11 @@ def match_layers(model, adapter: FeRAAdapter) -> dict[str, list[tuple[str, tuple
         targets.setdefault(comfy_path, []).append((path, out_slice))
     if unmatched or misfit:
         total = len(adapter.layers)
+        problems = ([f"{len(unmatched)} have no counterpart (e.g. {unmatched[:3]})"] if unmatched else []) + \
+                   ([f"{len(misfit)} have other shapes (e.g. {misfit[:2]})"] if misfit else [])
         raise AdapterMismatchError(
             f"FeRA adapter (base model '{adapter.config.base_model}') does not fit {type(model).__name__}: "
-            f"{total - len(unmatched) - len(misfit)} of {total} layers match, {len(unmatched)} have no "
-            f"counterpart (e.g. {unmatched[:3]}), {len(misfit)} have other shapes (e.g. {misfit[:2]}). "
+            f"{total - len(unmatched) - len(misfit)} of {total} layers match, {', '.join(problems)}. "
             "Nothing was patched.")
     return targets
 
@@ -78,21 +79,21 @@ class FeRARouting:
         self._cast.clear()
 
     def _on(self, device, dtype):
-        """Router (float32) and experts cast to a device/dtype once per sampling run, not per call."""
+        """Router (float32), controls and experts on a device/dtype, made once per sampling run."""
         key = (device, dtype)
         if key not in self._cast:
             router = copy.deepcopy(self.adapter.router).to(device=device, dtype=torch.float32)
             experts = {path: (e.down.detach().to(device, dtype), e.up.detach().to(device, dtype))
                        for path, e in self.adapter.layers.items()}
-            self._cast[key] = (router, experts)
+            self._cast[key] = (router, self.controls.on(device), experts)
         return self._cast[key]
 
     def __call__(self, executor, x, t, *args, **kwargs):
         """APPLY_MODEL wrapper: route this call's rows, run the model, forget the routing."""
         cfg = self.adapter.config
-        router, _ = self._on(x.device, x.dtype)
+        router, controls, _ = self._on(x.device, x.dtype)
         energies = band_energies(x, cfg.num_bands, cfg.indicator)
-        weights = router(energies, self.controls)
+        weights = router(energies, controls)
         if (self.start_percent, self.end_percent) != (0.0, 1.0):
             sampling = executor.class_obj.model_sampling
             hi, lo = sampling.percent_to_sigma(self.start_percent), sampling.percent_to_sigma(self.end_percent)
@@ -113,7 +114,7 @@ class FeRARouting:
             if self.gains is None:
                 return None
             x = args[0]
-            _, experts = self._on(x.device, x.dtype)
+            _, _, experts = self._on(x.device, x.dtype)
             for path, out_slice in entries:
                 down, up = experts[path]
                 out = add_experts(out, x, down, up, self.gains, layer, out_slice)
