@@ -24,7 +24,11 @@ def adapter_names() -> list[str]:
 
 
 def load_named_adapter(name: str, reference_alpha: float = 1.0, reference_tau: float = 0.7) -> FeRAAdapter:
-    path = folder_paths.get_full_path(FOLDER, name) or folder_paths.get_full_path_or_raise("loras", name)
+    path = folder_paths.get_full_path(FOLDER, name) or folder_paths.get_full_path("loras", name)
+    if path is None:
+        searched = folder_paths.get_folder_paths(FOLDER) + folder_paths.get_folder_paths("loras")
+        raise FileNotFoundError(f"FeRA adapter '{name}' not found in models/{FOLDER} or models/loras "
+                                f"(searched: {', '.join(searched)}).")
     if path.endswith(".safetensors"):
         return load_adapter(path)
     return load_adapter(path, alpha=reference_alpha, tau=reference_tau)
