@@ -7,5 +7,7 @@ import importlib.util
 
 WEB_DIRECTORY = "./web"
 
-if importlib.util.find_spec("comfy_api") is not None:
+# __package__ is empty when a tool (pytest collecting the repository) imports this file as a
+# plain module; only a package import, as ComfyUI does, can resolve the relative import.
+if __package__ and importlib.util.find_spec("comfy_api") is not None:
     from .nodes.extension import comfy_entrypoint  # noqa: F401

@@ -50,6 +50,9 @@ def add_experts(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torc
     if dropout:
         x = F.dropout(x, dropout, training=True)
     if down.ndim == 4:
+        if layer is None:
+            raise ValueError("conv experts need their frozen Conv2d layer (for its stride, padding and dilation); "
+                             "pass layer=")
         h = F.conv2d(x, down, None, layer.stride, layer.padding, layer.dilation)
         h = h * g[:, :, None, None]
         update = F.conv2d(h, up)

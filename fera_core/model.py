@@ -55,16 +55,24 @@ def new_experts(layer: nn.Module, config: FeRAConfig) -> RoutedExperts:
     return RoutedExperts(layer.in_features, layer.out_features, config.num_experts, config.rank, config.alpha)
 
 
-def check_fits(path: str, experts: RoutedExperts, layer: nn.Module) -> None:
-    """Refuse experts whose shapes do not fit the layer they would be attached to."""
+def check_fits(path: str, experts: RoutedExperts, layer: nn.Module, out_slice: tuple[int, int] | None = None) -> None:
+    """Refuse experts that do not fit the layer (or the slice of its outputs) they would update."""
+    if not isinstance(layer, ADAPTABLE):
+        raise ValueError(f"experts for {path} need a Linear or Conv2d layer, but the model's {path} is a "
+                         f"{type(layer).__name__}")
     if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1 or layer.padding_mode != "zeros":
+            raise ValueError(f"experts for {path}: grouped or non-zero-padded convolutions are not supported")
         have = (layer.in_channels, layer.out_channels, tuple(layer.kernel_size))
-        want = (experts.in_features, experts.out_features, tuple(experts.down.shape[2:]))
     else:
-        have = (layer.in_features, layer.out_features)
-        want = (experts.in_features, experts.out_features) if experts.down.ndim == 2 else None
+        have = (layer.in_features, layer.out_features, ())
+    if out_slice is not None:
+        have = (have[0], out_slice[1], have[2])
+    want = (experts.in_features, experts.out_features, tuple(experts.down.shape[2:]))
     if have != want:
-        raise ValueError(f"experts for {path} have (in, out[, kernel]) {want} but the layer is {have}")
+        def shape(in_f, out_f, kernel):
+            return f"in {in_f}, out {out_f}" + (f", kernel {kernel}" if kernel else "")
+        raise ValueError(f"experts for {path} have {shape(*want)} but the layer has {shape(*have)}")
 
 
 class FeRALayer:
@@ -115,8 +123,12 @@ class FeRAModel(nn.Module):
         self.current_e_t: torch.Tensor | None = None
 
     @classmethod
-    def from_file(cls, base_model: nn.Module, path, **reference_options) -> "FeRAModel":
-        """Attach the adapter in `path` to exactly the layers it names."""
+    def from_file(cls, base_model: nn.Module, path, /, **reference_options) -> "FeRAModel":
+        """Attach the adapter in `path` to exactly the layers it names.
+
+        base_model and path are positional-only, so the reference option base_model="sd15"
+        can be passed by keyword without colliding with the model argument.
+        """
         return cls(base_model, adapter=load_adapter(path, **reference_options))
 
     @property

@@ -21,6 +21,7 @@ import comfy.patcher_extension as ext
 from ..fera_core.adapter_file import FeRAAdapter
 from ..fera_core.experts import add_experts, expert_gains
 from ..fera_core.indicator import band_energies
+from ..fera_core.model import check_fits
 from ..fera_core.router import RoutingControls
 from ..fera_core.trace import RoutingTrace
 from .keys import diffusers_to_comfy
@@ -42,13 +43,10 @@ def match_layers(model, adapter: FeRAAdapter) -> dict[str, list[tuple[str, tuple
             unmatched.append(path)
             continue
         comfy_path, out_slice = names[path]
-        layer = model.get_submodule(comfy_path)
-        in_f = getattr(layer, "in_features", getattr(layer, "in_channels", None))
-        out_f = out_slice[1] if out_slice else getattr(layer, "out_features", getattr(layer, "out_channels", None))
-        conv = isinstance(layer, torch.nn.Conv2d)
-        if (in_f, out_f, conv) != (experts.in_features, experts.out_features, experts.down.ndim == 4):
-            misfit.append(f"{path} -> {comfy_path}: experts (in {experts.in_features}, out {experts.out_features}), "
-                          f"layer (in {in_f}, out {out_f})")
+        try:
+            check_fits(path, experts, model.get_submodule(comfy_path), out_slice)
+        except ValueError as err:
+            misfit.append(f"{comfy_path}: {err}")
             continue
         targets.setdefault(comfy_path, []).append((path, out_slice))
     if unmatched or misfit:

@@ -11,6 +11,7 @@ time, straight into the file.
 
 import importlib
 import json
+import logging
 import os
 import struct
 import sys
@@ -146,8 +147,12 @@ def _vae_state_dict():
     probe = {"decoder.conv_in.weight": torch.empty(512, 4, 3, 3, **meta),
              "encoder.down.2.downsample.conv.weight": torch.empty(512, 512, 3, 3, **meta),
              "post_quant_conv.weight": torch.empty(4, 4, 1, 1, **meta)}
-    with torch.device("meta"):
-        vae = comfy.sd.VAE(sd=probe, device=torch.device("meta"), dtype=torch.float16)
+    logging.disable(logging.WARNING)  # the probe is knowingly incomplete: no "Missing VAE keys"
+    try:
+        with torch.device("meta"):
+            vae = comfy.sd.VAE(sd=probe, device=torch.device("meta"), dtype=torch.float16)
+    finally:
+        logging.disable(logging.NOTSET)
     return vae.get_sd()
 
 
