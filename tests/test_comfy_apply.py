@@ -168,7 +168,7 @@ def test_samplers_and_schedulers(patcher, adapter, sampler, scheduler):
     kw = dict(sampler=sampler, scheduler=scheduler, steps=4)
     got = sample(apply_fera(patcher, adapter, 1.0), **kw)
     torch.testing.assert_close(got, expected(patcher, [(adapter, 1.0)], **kw), rtol=1e-5, atol=1e-5)
-    assert (got - sample(patcher, **kw)).abs().max() > 1e-2
+    assert (got - sample(patcher, **kw)).abs().max() > 1e-3  # 100x the tolerance of the equality above
 
 
 def test_strength_zero_is_bit_identical_and_base_is_restored(patcher, adapter):
