@@ -46,7 +46,19 @@ def add_experts(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torc
     out_slice: (offset, size) of the output features the experts write to, for layers that
         fuse several projections (Flux's qkv).
     """
-    g = rows_for(gains, x.shape[0]).to(x.dtype)
+    g = rows_for(gains, x.shape[0])
+    if g.dtype != x.dtype:
+        g = g.to(x.dtype)
+    if down.ndim == 2 and not dropout and not torch.is_grad_enabled() and x.is_contiguous() and out.is_contiguous():
+        # Sampling: three kernels, in place, no temporary of the output's size. On small
+        # layers launch overhead, not arithmetic, is what the experts cost.
+        h = torch.mm(x.view(-1, x.shape[-1]), down.t())
+        h.view(g.shape[0], -1, h.shape[-1]).mul_(g[:, None])
+        target = out.view(-1, out.shape[-1])
+        if out_slice is not None:
+            target = target.narrow(1, *out_slice)
+        target.addmm_(h, up.t())
+        return out
     if dropout:
         x = F.dropout(x, dropout, training=True)
     if down.ndim == 4:
@@ -54,15 +66,10 @@ def add_experts(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torc
             raise ValueError("conv experts need their frozen Conv2d layer (for its stride, padding and dilation); "
                              "pass layer=")
         h = F.conv2d(x, down, None, layer.stride, layer.padding, layer.dilation)
-        h = h * g[:, :, None, None]
-        update = F.conv2d(h, up)
+        update = F.conv2d(h * g[:, :, None, None], up)
     else:
         h = F.linear(x, down)
-        h = h * g.view(g.shape[0], *([1] * (h.ndim - 2)), g.shape[1])
-        if out_slice is None and out.is_contiguous() and not torch.is_grad_enabled():
-            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
-            return out
-        update = F.linear(h, up)
+        update = F.linear(h * g.view(g.shape[0], *([1] * (h.ndim - 2)), g.shape[1]), up)
     if out_slice is None:
         return out + update
     start, size = out_slice

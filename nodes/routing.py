@@ -81,7 +81,9 @@ class FeRARouting:
         key = (device, dtype)
         if key not in self._cast:
             router = copy.deepcopy(self.adapter.router).to(device=device, dtype=torch.float32)
-            experts = {path: (e.down.detach().to(device, dtype), e.up.detach().to(device, dtype))
+            # Stored column-major, so the .t() taken by add_experts hands BLAS contiguous operands.
+            experts = {path: tuple(w.detach().to(device, dtype).t().contiguous().t() if w.ndim == 2
+                                   else w.detach().to(device, dtype) for w in (e.down, e.up))
                        for path, e in self.adapter.layers.items()}
             self._cast[key] = (router, self.controls.on(device), experts)
         return self._cast[key]
