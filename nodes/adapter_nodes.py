@@ -29,7 +29,7 @@ def routing_controls(temperature: float, force_expert: int, mix: str, gains: str
         base = RoutingControls.forced(force_expert, num_experts)
     else:
         base = RoutingControls(mix=_numbers("mix", mix))
-    return RoutingControls(tau=temperature or None, mix=base.mix, gains=_numbers("gains", gains)).check(num_experts)
+    return RoutingControls(tau=temperature or None, mix=base.mix, gains=_numbers("gains", gains))
 
 
 def _adapter_input():

@@ -69,29 +69,39 @@ class FeRARouting:
         if not 0.0 <= start_percent <= end_percent <= 1.0:
             raise ValueError(f"need 0 <= start_percent <= end_percent <= 1, got {start_percent}, {end_percent}")
         self.start_percent, self.end_percent, self.trace = start_percent, end_percent, trace
-        self.gains: torch.Tensor | None = None
-        self._cast: dict = {}
+        self.gains: dict | None = None  # dtype -> (rows, M * r) gains, during a model call only
+        self._routers: dict = {}
+        self._experts: dict = {}
 
     def release(self, *_args) -> None:
-        """Drop device copies of the weights (after sampling)."""
-        self._cast.clear()
+        """Drop device copies of the router and weights (after sampling)."""
+        self._routers.clear()
+        self._experts.clear()
 
-    def _on(self, device, dtype):
-        """Router (float32), controls and experts on a device/dtype, made once per sampling run."""
-        key = (device, dtype)
-        if key not in self._cast:
+    def _router_on(self, device):
+        """Router (float32) and controls on a device, made once per sampling run."""
+        if device not in self._routers:
             router = copy.deepcopy(self.adapter.router).to(device=device, dtype=torch.float32)
-            # Stored column-major, so the .t() taken by add_experts hands BLAS contiguous operands.
-            experts = {path: tuple(w.detach().to(device, dtype).t().contiguous().t() if w.ndim == 2
-                                   else w.detach().to(device, dtype) for w in (e.down, e.up))
-                       for path, e in self.adapter.layers.items()}
-            self._cast[key] = (router, self.controls.on(device), experts)
-        return self._cast[key]
+            self._routers[device] = (router, self.controls.on(device))
+        return self._routers[device]
+
+    def _experts_on(self, device, dtype):
+        """Expert weights in the layers' own device and dtype (not the latent's), made once per run.
+
+        Stored column-major, so the .t() taken by add_experts hands BLAS contiguous operands.
+        """
+        key = (device, dtype)
+        if key not in self._experts:
+            self._experts[key] = {
+                path: tuple(w.detach().to(device, dtype).t().contiguous().t() if w.ndim == 2
+                            else w.detach().to(device, dtype) for w in (e.down, e.up))
+                for path, e in self.adapter.layers.items()}
+        return self._experts[key]
 
     def __call__(self, executor, x, t, *args, **kwargs):
         """APPLY_MODEL wrapper: route this call's rows, run the model, forget the routing."""
         cfg = self.adapter.config
-        router, controls, _ = self._on(x.device, x.dtype)
+        router, controls = self._router_on(x.device)
         energies = band_energies(x, cfg.num_bands, cfg.indicator)
         weights = router(energies, controls)
         if (self.start_percent, self.end_percent) != (0.0, 1.0):
@@ -102,7 +112,8 @@ class FeRARouting:
         if self.trace is not None:
             options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
             self.trace.record(energies, weights, t, options.get("cond_or_uncond"))
-        self.gains = expert_gains(weights, cfg.rank, cfg.scale, self.strength)
+        gains = expert_gains(weights, cfg.rank, cfg.scale, self.strength)
+        self.gains = {gains.dtype: gains}
         try:
             return executor(x, t, *args, **kwargs)
         finally:
@@ -114,10 +125,13 @@ class FeRARouting:
             if self.gains is None:
                 return None
             x = args[0]
-            _, _, experts = self._on(x.device, x.dtype)
+            gains = self.gains.get(x.dtype)
+            if gains is None:  # cast once per call for all layers, not in every layer
+                gains = self.gains[x.dtype] = next(iter(self.gains.values())).to(x.dtype)
+            experts = self._experts_on(x.device, x.dtype)
             for path, out_slice in entries:
                 down, up = experts[path]
-                out = add_experts(out, x, down, up, self.gains, layer, out_slice)
+                out = add_experts(out, x, down, up, gains, layer, out_slice)
             return out
         return fera_forward_hook
 
