@@ -80,10 +80,10 @@ def test_build_model_is_what_comfy_detects(family):
     """The helper's configs are what ComfyUI itself derives from weights of that layout."""
     import comfy.model_detection
     model = comfy_host.build_model(family)
-    expected_cls, config = comfy_host.FAMILIES[family]
-    assert type(model.model_config).__name__ == expected_cls
+    assert type(model.model_config).__name__ == comfy_host.FAMILIES[family][0]
     assert all(p.device.type == "meta" for p in model.diffusion_model.parameters())
-    assert comfy.model_detection.detect_unet_config(model.state_dict(), "diffusion_model.") == config
+    assert comfy.model_detection.detect_unet_config(model.state_dict(), "diffusion_model.") == \
+        comfy_host.unet_config(family)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
