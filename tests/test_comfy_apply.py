@@ -263,5 +263,6 @@ def test_adapter_that_does_not_fit_is_refused_without_patching(patcher, adapter)
     msg = str(err.value)
     n = len(adapter.layers)  # one layer added, one existing layer replaced by a misfit
     assert f"{n - 1} of {n + 1} layers match, 1 have no counterpart" in msg and "1 have other shapes" in msg
+    assert "does not fit this SD1.5 model" in msg
     assert "mid_block.attentions.9" in msg and "in 7" in msg and "Nothing was patched" in msg
     assert (dict(patcher.object_patches), {k: dict(v) for k, v in patcher.wrappers.items()}) == before

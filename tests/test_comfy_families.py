@@ -7,7 +7,7 @@ given expert m's weights as a plain LoRA (ComfyUI slices fused layers itself).
 import pytest
 import torch
 
-from comfy_host import TINY_CONTEXT, TINY_FAMILIES, pack_module, random_adapter, setup_comfy, tiny_model
+from comfy_host import TINY_CONTEXT, TINY_FAMILIES, build_model, pack_module, random_adapter, setup_comfy, tiny_model
 
 setup_comfy()
 import comfy.model_management  # noqa: E402
@@ -18,7 +18,8 @@ from fera_core import RoutingControls  # noqa: E402
 from fera_core.trace import RoutingTrace  # noqa: E402
 
 keys = pack_module("nodes.keys")
-apply_fera = pack_module("nodes.routing").apply_fera
+routing = pack_module("nodes.routing")
+apply_fera = routing.apply_fera
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
@@ -79,3 +80,12 @@ def test_rows_with_different_spectra_are_routed_differently(family):
     assert [r["row"] for r in first] == [0, 1]
     # float32 noise is ~1e-7; measured 2.6e-3 (flux) to 6.3e-3 (sd3): both rows are mostly noise at the first call
     assert max(abs(a - b) for a, b in zip(first[0]["weights"], first[1]["weights"])) > 1e-4
+
+
+@pytest.mark.parametrize("family, name", [("sd15", "SD1.5"), ("sd2", "SD2"), ("sdxl", "SDXL"), ("sd3", "SD3"),
+                                          ("flux", "Flux")])
+def test_refusal_names_the_model_family_as_users_know_it(family, name):
+    model = build_model(family)  # meta device: matching reads shapes only
+    adapter = adapter_for(tiny_model("flux" if family == "sd15" else "sd15").model)
+    with pytest.raises(routing.AdapterMismatchError, match=f"does not fit this {name} model: 0 of"):
+        routing.match_layers(model, adapter)
