@@ -7,10 +7,13 @@ ComfyUI checkout). Checked:
 - the server log shows the pack loaded, with no import error or traceback from it;
 - /object_info lists the pack's nodes in category FeRA, with a tooltip on every input and output;
 - workflows/apply_fera.json agrees with /object_info (widget order, link types);
+- every workflow in workflows/ is listed by /api/workflow_templates and served byte for byte where
+  the Templates browser fetches it;
 - slow: that workflow, converted to the API format, runs on a random full-size SD1.5 checkpoint
   and saves an image; a missing or a misfitting adapter fails with a clear execution error;
 - slow, needs /usr/bin/chromium: the real web frontend loads the workflow with every node type
-  known, the same widgets and the same API prompt (screenshot written to the temp directory).
+  known, the same widgets and the same API prompt; its Templates browser opens every workflow of
+  the pack's section with every node built (screenshots written to the temp directory).
 
 The server runs with the interpreter running pytest unless COMFYUI_PYTHON names another. The
 random checkpoint (2.1 GB, about a minute to write) is cached at FERA_SD15_CHECKPOINT, by default
@@ -529,6 +532,18 @@ class _Chromium:
 
 _DIALOGS_JS = ("Array.from(document.querySelectorAll('.p-dialog, [role=dialog]'))"
                ".map(d => d.innerText).filter(t => t.trim())")
+# Clicks the innermost visible element whose own text is `text` (the Templates browser's section
+# and card titles); returns how many there were.
+_CLICK_TEXT_JS = """(text => {
+  const own = e => Array.from(e.childNodes).filter(n => n.nodeType === 3).map(n => n.textContent).join('').trim();
+  const hits = Array.from(document.querySelectorAll('body *')).filter(e => e.offsetParent !== null && own(e) === text);
+  if (hits.length) hits[0].click();
+  return hits.length;
+})"""
+# Node types of the graph on the canvas that the frontend does not know (missing nodes). Not
+# has_errors: newer frontends also flag a node whose model file is absent, which is not our concern.
+_MISSING_NODES_JS = "window.app.graph.nodes.filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type)"
+_GRAPH_TYPES_JS = "window.app.graph.nodes.map(n => n.type).sort()"
 
 
 def _open_frontend(server) -> _Chromium:
@@ -560,14 +575,16 @@ def test_frontend_loads_workflow(server, object_info):
         assert not missing, f"node types unknown to the frontend: {missing}"
 
         browser.eval(f"window.app.loadGraphData({json.dumps(wf)})")
-        browser.wait_for(f"window.app.graph._nodes.length === {len(wf['nodes'])}", timeout=60)
+        browser.wait_for(f"window.app.graph.nodes.length === {len(wf['nodes'])}", timeout=60)
         time.sleep(1.0)  # let dialogs (missing nodes/models) open if any would
         dialogs = browser.eval(_DIALOGS_JS)
         assert not dialogs, f"dialogs after loading the workflow: {dialogs}"
+        assert browser.eval(_MISSING_NODES_JS) == []
 
         # Every node was built from the server's definition, with the workflow's widget values.
         nodes = json.loads(browser.eval(
-            "JSON.stringify(window.app.graph._nodes.map(n => ({id: n.id, type: n.type, "
+            # ids are numbers in the saved workflow, strings in the live graph of newer frontends
+            "JSON.stringify(window.app.graph.nodes.map(n => ({id: Number(n.id), type: n.type, "
             "widgets: (n.widgets || []).map(w => w.name), values: (n.widgets || []).map(w => w.value), "
             "size: Array.from(n.size)})))"))
         by_id = {n["id"]: n for n in nodes}
@@ -582,6 +599,12 @@ def test_frontend_loads_workflow(server, object_info):
         assert exported["links"] == wf["links"]
         for node in exported["nodes"]:
             orig = next(n for n in wf["nodes"] if n["id"] == node["id"])
+            node.setdefault("widgets_values", [])  # newer frontends leave out an empty list
+            extra = node["outputs"][len(orig["outputs"]):]
+            if extra:  # outputs a newer host added to the node (0.33's SaveImage passes its images on), unlinked
+                assert [o["type"] for o in extra] == object_info[node["type"]]["output"][len(orig["outputs"]):]
+                assert not any(o.get("links") for o in extra), extra
+                node["outputs"] = node["outputs"][:len(orig["outputs"])]
             for key in ("type", "pos", "size", "inputs", "outputs", "widgets_values", "properties", "mode"):
                 assert node.get(key) == orig.get(key), (node["type"], key, node.get(key), orig.get(key))
         api = json.loads(browser.eval("window.app.graphToPrompt().then(p => JSON.stringify(p.output))"))
@@ -595,23 +618,11 @@ def test_frontend_loads_workflow(server, object_info):
         broken = json.loads(json.dumps(wf))
         broken["nodes"][0]["type"] = "FeRANodeThatDoesNotExist"
         browser.eval(f"window.app.loadGraphData({json.dumps(broken)})")
-        browser.wait_for(f"({_DIALOGS_JS}).some(t => t.includes('FeRANodeThatDoesNotExist'))", timeout=30)
+        browser.wait_for(f"({_MISSING_NODES_JS}).includes('FeRANodeThatDoesNotExist')", timeout=30)
     finally:
         browser.close()
 
 
-# Clicks the innermost visible element whose own text is `text` (the Templates browser's section
-# and card titles); returns how many there were.
-_CLICK_TEXT_JS = """(text => {
-  const own = e => Array.from(e.childNodes).filter(n => n.nodeType === 3).map(n => n.textContent).join('').trim();
-  const hits = Array.from(document.querySelectorAll('body *')).filter(e => e.offsetParent !== null && own(e) === text);
-  if (hits.length) hits[0].click();
-  return hits.length;
-})"""
-# Node types of the graph on the canvas that the frontend could not build (unknown or flagged).
-_BROKEN_NODES_JS = ("window.app.graph.nodes.filter(n => !window.LiteGraph.registered_node_types[n.type] || n.has_errors)"
-                    ".map(n => n.type)")
-_GRAPH_TYPES_JS = "window.app.graph.nodes.map(n => n.type).sort()"
 
 
 @pytest.mark.slow
@@ -627,17 +638,14 @@ def test_templates_browser_opens_every_workflow(server, object_info):
             browser.wait_for(f"{_CLICK_TEXT_JS}({json.dumps(workflow.stem)}) > 0", timeout=60)
             browser.wait_for(f"JSON.stringify({_GRAPH_TYPES_JS}) === {json.dumps(json.dumps(types, separators=(',', ':')))}",
                              timeout=60)
-            time.sleep(1.0)  # let a missing-nodes dialog open if one would
-            assert browser.eval(_BROKEN_NODES_JS) == [], workflow.name
-            dialogs = browser.eval(_DIALOGS_JS)
-            assert not dialogs, f"{workflow.name}: dialogs after opening the template: {dialogs}"
+            assert browser.eval(_MISSING_NODES_JS) == [], workflow.name
             shot = Path(tempfile.gettempdir()) / f"fera-template-{workflow.stem}-{server.port}.png"
             browser.screenshot(shot)
             print(f"\n{workflow.name} opened from the Templates browser: {shot}")
-        # The broken-node check sees a node type the frontend does not know.
+        # The missing-node check sees a node type the frontend does not know.
         broken = json.loads(WORKFLOW.read_text())
         broken["nodes"][0]["type"] = "FeRANodeThatDoesNotExist"
         browser.eval(f"window.app.loadGraphData({json.dumps(broken)})")
-        browser.wait_for(f"({_BROKEN_NODES_JS}).includes('FeRANodeThatDoesNotExist')", timeout=30)
+        browser.wait_for(f"({_MISSING_NODES_JS}).includes('FeRANodeThatDoesNotExist')", timeout=30)
     finally:
         browser.close()
