@@ -72,4 +72,4 @@ def test_readme_first_command_runs_on_the_shipped_example():
     assert (PACK_ROOT / args[-1]).is_file(), args[-1]
     result = subprocess.run([sys.executable, *args], cwd=PACK_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["adapted_layers"] > 0
+    assert re.search(r"adapted layers\s+[1-9]", result.stdout), result.stdout
