@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from comfy_host import PACK_ROOT, pack_module, setup_comfy
-from test_comfy_server import (_DIALOGS_JS, CHROMIUM, HTTP_TIMEOUT, PACK_DIR_NAME, WORKFLOW, _Chromium,
+from test_comfy_server import (_DIALOGS_JS, CHROMIUM, HTTP_TIMEOUT, PACK_DIR_NAME, WORKFLOW, _open_frontend,
                                server)  # noqa: F401  (server: the module-scoped real-server fixture)
 from test_locales import DOCS, LANGS, leaves, load
 
@@ -99,7 +99,7 @@ def test_server_serves_translations_and_help_pages(server, node_infos):  # noqa:
 
 # ---------------------------------------------------------------- real frontend (headless Chromium)
 
-_GRAPH_JS = ("JSON.stringify(window.app.graph._nodes.map(n => ({type: n.type, title: n.title, "
+_GRAPH_JS = ("JSON.stringify(window.app.graph.nodes.map(n => ({type: n.type, title: n.title, "
              "widgets: (n.widgets || []).map(w => [w.name, w.label ?? null]), "
              "inputs: (n.inputs || []).map(s => [s.name, s.label ?? s.localized_name ?? null, !!s.widget]), "
              "outputs: (n.outputs || []).map(s => [s.name, s.label ?? s.localized_name ?? null, s.type])})))")
@@ -109,20 +109,15 @@ def _frontend_view(srv, lang: str, wf: dict, shot: Path) -> list[dict]:
     """Titles, widget labels and socket labels of the workflow's nodes as the frontend shows them in `lang`."""
     assert srv.post("/settings/Comfy.Locale", lang)[0] == 200
     title = json.dumps(load(lang, "nodeDefs")["ApplyFeRA"]["display_name"])
-    browser = _Chromium(CHROMIUM)
+    browser = _open_frontend(srv)
     try:
-        browser.call("Runtime.enable")
-        browser.call("Page.enable")
-        browser.call("Page.navigate", url=srv.url + "/")
-        browser.wait_for("!!(window.app && window.app.graph && window.LiteGraph"
-                         " && window.LiteGraph.registered_node_types['ApplyFeRA'])", timeout=180)
-        try:  # the node definitions are re-registered once the pack's locale has been merged
+        try:  # the node definitions are registered once the pack's locale has been merged
             browser.wait_for(f"window.LiteGraph.registered_node_types['ApplyFeRA'].title === {title}", timeout=60)
         except TimeoutError:
             seen = browser.eval("window.LiteGraph.registered_node_types['ApplyFeRA'].title")
             pytest.fail(f"{lang}: the frontend registered ApplyFeRA as {seen!r}, not {title}")
         browser.eval(f"window.app.loadGraphData({json.dumps(wf)})")
-        browser.wait_for(f"window.app.graph._nodes.length === {len(wf['nodes'])}", timeout=60)
+        browser.wait_for(f"window.app.graph.nodes.length === {len(wf['nodes'])}", timeout=60)
         time.sleep(1.0)
         assert not browser.eval(_DIALOGS_JS), browser.eval(_DIALOGS_JS)
         browser.screenshot(shot)
@@ -134,8 +129,6 @@ def _frontend_view(srv, lang: str, wf: dict, shot: Path) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"headless browser not found at {CHROMIUM}")
 def test_frontend_shows_the_apply_workflow_translated(server):  # noqa: F811
-    pytest.importorskip("aiohttp", reason="aiohttp (a ComfyUI dependency) drives Chromium here")
-    assert server.post("/settings/Comfy.TutorialCompleted", True)[0] == 200
     wf = json.loads(WORKFLOW.read_text())
     try:
         for lang in LANGS:
