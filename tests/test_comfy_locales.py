@@ -138,8 +138,9 @@ def test_frontend_shows_the_apply_workflow_translated(server, node_infos):  # no
             print(f"\n{lang} (screenshot {shot}):")
             for node in (n for n in nodes if n["type"] in defs):
                 tr = defs[node["type"]]
+                sockets = [s[:2] for s in node["inputs"] if not s[2]]
                 print(f"  {node['type']}: title {node['title']!r}, widgets {node['widgets']}, "
-                      f"sockets {[s[:2] for s in node['inputs'] if not s[2]]}, outputs {[s[:2] for s in node['outputs']]}")
+                      f"sockets {sockets}, outputs {[s[:2] for s in node['outputs']]}")
                 assert node["title"] == tr["display_name"], (lang, node["type"], node["title"])
                 spec = node_infos[node["type"]]["input"]
                 inputs = {*spec.get("required", {}), *spec.get("optional", {})}
