@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from . import train_diffusers
 from .adapter_file import AdapterFileError, load_adapter, save_adapter
 
 
@@ -24,7 +25,10 @@ def main(argv=None) -> int:
         p.add_argument("--alpha", type=float, help="LoRA alpha of a reference .pt (default 1.0)")
         p.add_argument("--tau", type=float, help="router temperature of a reference .pt (default 0.7)")
         p.add_argument("--base-model", help="model family of a reference .pt (sd15, sdxl, ...)")
+    train_diffusers.add_parser(sub)  # subcommands in their own modules set args.handler
     args = parser.parse_args(argv)
+    if hasattr(args, "handler"):
+        return args.handler(args)
     try:
         if args.command == "info":
             adapter = load_adapter(args.file, **_reference_options(args))
