@@ -3,9 +3,9 @@
     python -m fera_core train PIPELINE_DIR IMAGES_DIR --output OUT [--max-steps 1000 ...]
     accelerate launch --num_processes 8 -m fera_core train PIPELINE_DIR IMAGES_DIR --output OUT
 
-PIPELINE_DIR is a `save_pretrained` directory with a UNet, one CLIP text encoder and tokenizer,
-a VAE and a scheduler (SD1.x, SD2.x layout); IMAGES_DIR holds images with same-named .txt
-captions. The loss is fera_core.training's, with the scheduler's objective
+PIPELINE_DIR is a `save_pretrained` directory of a StableDiffusion (1.x/2.x), StableDiffusionXL
+or StableDiffusion3 pipeline (UNet or transformer, text encoders and tokenizers, VAE,
+scheduler); IMAGES_DIR holds images with same-named .txt captions. The loss is fera_core.training's, with the scheduler's objective
 (fera_core.diffusers_objective). Scale-out is accelerate's: data-parallel processes, mixed
 precision and gradient accumulation; --batch-size is the GLOBAL batch of one optimizer step,
 split over processes and accumulation micro-steps. Every random draw of step s (image order,
@@ -20,9 +20,7 @@ optimizer and LR-schedule state, step, losses, trace; each written atomically).
 """
 from __future__ import annotations
 
-import importlib
 import json
-import math
 import re
 import sys
 from pathlib import Path
@@ -141,75 +139,92 @@ def step_generator(seed: int, step: int, device) -> torch.Generator:
 
 
 # ------------------------------------------------------------------------------------ pipeline
-def load_pipeline(path) -> dict:
-    """The pipeline's components (classes as model_index.json names them), without the pipeline class."""
-    path = Path(path)
-    index_file = path / "model_index.json"
-    if not index_file.is_file():
-        raise TrainingError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
-    index = json.loads(index_file.read_text())
-    if "unet" not in index or index.get("transformer"):
-        raise TrainingError(f"{path}: only UNet pipelines are supported (SD1.x/SD2.x layout); this one has "
-                            f"{'a transformer' if index.get('transformer') else 'no unet'}")
-    if index.get("text_encoder_2"):
-        raise TrainingError(f"{path}: pipelines with two text encoders (SDXL) are not supported yet")
-    parts = {}
-    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        spec = index.get(name)
-        if not spec or spec[0] is None:
-            raise TrainingError(f"{path}: model_index.json has no {name}")
-        cls = getattr(importlib.import_module(spec[0]), spec[1])
-        parts[name] = cls.from_pretrained(str(path / name))
-    if parts["unet"].config.get("addition_embed_type"):
-        raise TrainingError(f"{path}: UNets with added conditioning ({parts['unet'].config.addition_embed_type}) "
-                            "are not supported yet")
-    return parts
+_KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
 
 
-class UNetDenoiser(nn.Module):
-    """FeRAModel's UNet as the one module accelerate wraps (DDP, autocast): forward routes by the
-    latent and calls the UNet, or calls it with the experts off. Keeps the last routing for the trace."""
+class Pipeline:
+    """A diffusers pipeline's frozen parts as the trainer uses them: latents from the VAE (posterior
+    mean: deterministic, so every process and every resume sees the same x0), conditioning from the
+    pipeline's own encode_prompt, and how its UNet or transformer is called."""
 
-    def __init__(self, fera: FeRAModel):
-        super().__init__()
-        self.fera = fera
-        self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
+    def __init__(self, path, device, dtype):
+        path = Path(path)
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
+            raise TrainingError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+        index = json.loads(index_file.read_text())
+        self.kind = _KINDS.get(index.get("_class_name"))
+        if self.kind is None:
+            raise TrainingError(f"{path}: {index.get('_class_name')} is not supported; supported pipelines: "
+                                f"{sorted(_KINDS)}")
+        from diffusers import DiffusionPipeline
+        # Absent parts (SD3 without T5) stay absent; an SD safety checker is not needed to train.
+        skip = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
+        if self.kind == "sd":
+            skip.update(safety_checker=None, feature_extractor=None)
+        self.pipe = DiffusionPipeline.from_pretrained(str(path), **skip)
+        for module in self.pipe.components.values():
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False).eval().to(device, dtype)
+        self.model = self.pipe.transformer if self.kind == "sd3" else self.pipe.unet
+        self.scheduler, self.device, self.dtype = self.pipe.scheduler, device, dtype
+        vae = self.pipe.vae.config
+        self.scaling, self.shift = vae.scaling_factor, vae.get("shift_factor") or 0.0
 
-    def forward(self, x_t, timestep, cond, experts: bool):
-        unet = self.fera.base_model
-        if not experts:
-            with self.fera.disabled():
-                return unet(x_t, timestep, encoder_hidden_states=cond).sample
-        weights = self.fera.prepare_forward(x_t)
-        self.routing = (self.fera.current_e_t.detach(), weights.detach())
-        return unet(x_t, timestep, encoder_hidden_states=cond).sample
+    @property
+    def family(self) -> str:
+        if self.kind == "sd":
+            return _FAMILIES.get(self.model.config.cross_attention_dim, "unknown")
+        return self.kind
 
-
-class Encoder:
-    """Frozen VAE and text encoder: images -> latents (posterior mean, deterministic), captions -> states."""
-
-    def __init__(self, parts: dict, device, dtype):
-        self.vae, self.text_encoder, self.tokenizer = parts["vae"], parts["text_encoder"], parts["tokenizer"]
-        self.device, self.dtype = device, dtype
-        cfg = self.vae.config
-        self.scaling, self.shift = cfg.scaling_factor, cfg.get("shift_factor") or 0.0
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        factor = self.pipe.vae_scale_factor
+        if resolution % factor:
+            raise TrainingError(f"--resolution {resolution} is not a multiple of the VAE's factor {factor}")
+        return self.pipe.vae.config.latent_channels, resolution // factor, resolution // factor
 
     @torch.no_grad()
     def latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        dist = self.pipe.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
         return ((dist.mean - self.shift) * self.scaling).float()
 
     @torch.no_grad()
-    def text(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device))[0]
+    def text(self, captions: list[str], resolution: int) -> dict:
+        kw = dict(device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        if self.kind == "sd":
+            return {"encoder_hidden_states": self.pipe.encode_prompt(captions, **kw)[0]}
+        if self.kind == "sd3":
+            embeds, _, pooled, _ = self.pipe.encode_prompt(captions, None, None, **kw)
+            return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        embeds, _, pooled, _ = self.pipe.encode_prompt(captions, **kw)
+        # SDXL's size conditioning: original = target = the training size, no crop.
+        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=self.device)
+        return {"encoder_hidden_states": embeds,
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(embeds.dtype).expand(len(captions), 6)}}
 
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        if resolution % factor:
-            raise TrainingError(f"--resolution {resolution} is not a multiple of the VAE's factor {factor}")
-        return self.vae.config.latent_channels, resolution // factor, resolution // factor
+    def __call__(self, model: nn.Module, x_t: torch.Tensor, timestep, cond: dict) -> torch.Tensor:
+        x_t = x_t.to(self.dtype)
+        if self.kind == "sd3":
+            return model(hidden_states=x_t, timestep=timestep, return_dict=False, **cond)[0]
+        return model(x_t, timestep, return_dict=False, **cond)[0]
+
+
+class Denoiser(nn.Module):
+    """FeRAModel's UNet or transformer as the one module accelerate wraps (DDP, autocast): forward routes
+    by the latent and calls the model, or calls it with the experts off. Keeps the last routing."""
+
+    def __init__(self, fera: FeRAModel, call):
+        super().__init__()
+        self.fera, self.call = fera, call
+        self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x_t, timestep, cond, experts: bool):
+        if not experts:
+            with self.fera.disabled():
+                return self.call(self.fera.base_model, x_t, timestep, cond)
+        weights = self.fera.prepare_forward(x_t)
+        self.routing = (self.fera.current_e_t.detach(), weights.detach())
+        return self.call(self.fera.base_model, x_t, timestep, cond)
 
 
 # --------------------------------------------------------------------------------- checkpoints
@@ -232,8 +247,8 @@ def settings_of(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------ training
-def _config(args, unet) -> FeRAConfig:
-    family = args.base_model or _FAMILIES.get(unet.config.cross_attention_dim, "unknown")
+def _config(args, family: str) -> FeRAConfig:
+    family = args.base_model or family
     try:
         return FeRAConfig(rank=args.rank, alpha=args.alpha, num_bands=args.num_bands, num_experts=args.num_experts,
                           router_tau=args.tau, target_modules=[t.strip() for t in args.targets.split(",") if t.strip()],
@@ -265,17 +280,16 @@ def train(args) -> dict:
     out = Path(args.output)
     ckpt_dir = out / "checkpoints"
     data = ImageCaptions(args.data, args.resolution)
-    parts = load_pipeline(args.pipeline)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
-    for name in ("unet", "vae", "text_encoder"):
-        parts[name].requires_grad_(False).eval().to(acc.device, weight_dtype)
-    encoder = Encoder(parts, acc.device, weight_dtype)
-    shape = encoder.latent_shape(args.resolution)
-    config = _config(args, parts["unet"])
+    pipeline = Pipeline(args.pipeline, acc.device, weight_dtype)
+    shape = pipeline.latent_shape(args.resolution)
+    config = _config(args, pipeline.family)
     torch.manual_seed(args.seed)  # the same fresh adapter on every process
-    fera = FeRAModel(parts["unet"], config)
+    fera = FeRAModel(pipeline.model, config)
+    if not fera.fera_layers:
+        raise TrainingError(f"no layer of the {type(pipeline.model).__name__} matches --targets {args.targets}")
     fera.adapter.to(acc.device)
-    denoiser = UNetDenoiser(fera)
+    denoiser = Denoiser(fera, pipeline)
     params = list(fera.adapter.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -296,7 +310,7 @@ def train(args) -> dict:
         start, losses, trace_rows = state["step"], state["losses"], json.loads(state["trace"])
         acc.print(f"resuming from {found[-1][1]} at step {start}")
     model, optimizer = acc.prepare(denoiser, optimizer)
-    objective = SchedulerObjective(parts["scheduler"], model)
+    objective = SchedulerObjective(pipeline.scheduler, model)
     new_trace = lambda: RoutingTrace(max_calls=args.checkpoint_every * args.gradient_accumulation_steps)  # noqa: E731
     trace = new_trace()
     rank, world = acc.process_index, acc.num_processes
@@ -320,8 +334,8 @@ def train(args) -> dict:
             lo = (k * world + rank) * micro
             mine = slice(lo, lo + micro)
             with acc.accumulate(model):
-                x0 = encoder.latents(torch.stack([data.pixels(i) for i in rows[mine]]))
-                cond = encoder.text([data.captions[i] for i in rows[mine]])
+                x0 = pipeline.latents(torch.stack([data.pixels(i) for i in rows[mine]]))
+                cond = pipeline.text([data.captions[i] for i in rows[mine]], args.resolution)
                 result = training_step(objective, x0, cond, config, diff_tuning=args.diff_tuning,
                                        draws=(u_all[mine], noise_all[mine]))
                 acc.backward(result.loss)

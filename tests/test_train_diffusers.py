@@ -15,13 +15,13 @@ import torch
 pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
 
-from diffusers_pipeline import make_images, make_pipeline  # noqa: E402
+from diffusers_pipeline import make_images, make_pipeline, make_sd3, make_sdxl  # noqa: E402
 
 from fera_core import FeRAConfig, FeRAModel, load_adapter  # noqa: E402
 from fera_core.__main__ import main  # noqa: E402
 from fera_core.diffusers_objective import SchedulerObjective  # noqa: E402
-from fera_core.train_diffusers import (Encoder, ImageCaptions, UNetDenoiser, batch_indices, checkpoints,  # noqa: E402
-                                       load_checkpoint, load_pipeline)
+from fera_core.train_diffusers import (Denoiser, ImageCaptions, Pipeline, batch_indices, checkpoints,  # noqa: E402
+                                       load_checkpoint)
 from fera_core.training import fera_loss, noise_draws, training_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,14 +96,13 @@ def test_outputs_load_and_trace_every_row(straight):
 def evaluation_loss(pipe, images, adapter=None, seeds=range(3)):
     """Mean training loss over all images at fixed noise draws, with a trained adapter or a fresh one
     (zero up-projections: exactly the base model)."""
-    parts = load_pipeline(pipe)
+    pipeline = Pipeline(pipe, "cpu", torch.float32)
     data = ImageCaptions(images, 16)
-    enc = Encoder(parts, "cpu", torch.float32)
-    x0 = enc.latents(torch.stack([data.pixels(i) for i in range(len(data))]))
-    cond = enc.text(data.captions)
+    x0 = pipeline.latents(torch.stack([data.pixels(i) for i in range(len(data))]))
+    cond = pipeline.text(data.captions, 16)
     torch.manual_seed(0)
-    fera = FeRAModel.from_file(parts["unet"], adapter) if adapter else FeRAModel(parts["unet"], FeRAConfig())
-    objective = SchedulerObjective(parts["scheduler"], UNetDenoiser(fera))
+    fera = FeRAModel.from_file(pipeline.model, adapter) if adapter else FeRAModel(pipeline.model, FeRAConfig())
+    objective = SchedulerObjective(pipeline.scheduler, Denoiser(fera, pipeline))
     with torch.no_grad():
         return sum(training_step(objective, x0, cond, fera.config, torch.Generator().manual_seed(s)).loss.item()
                    for s in seeds) / len(seeds)
@@ -219,3 +218,19 @@ def test_missing_caption_and_changed_resume_settings_are_refused(setup, tmp_path
     run_inline(setup, out, steps=3)
     assert main(args_for(setup, out, "--resume", "--seed", "1")) == 2
     assert "'seed': (1, 0)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, family, prediction", [(make_sdxl, "sdxl", "epsilon"), (make_sd3, "sd3", "flow")])
+def test_sdxl_and_sd3_layouts_train(setup, tmp_path, make, family, prediction):
+    """The other supported layouts: two text encoders and SDXL's size conditioning; SD3's transformer, pooled
+    projections and flow matching. Three steps write an adapter for the family whose experts moved."""
+    pipe = make(tmp_path / "pipe")
+    out = tmp_path / "out"
+    assert main([str(a) for a in ("train", pipe, setup[1], "--output", out, "--max-steps", 3, "--batch-size", 2,
+                                  "--resolution", 16, "--learning-rate", 1e-2, "--log-every", 1)]) == 0
+    adapter = load_adapter(out / "adapter.safetensors")
+    assert adapter.config.base_model == family and len(adapter.layers) > 0
+    assert max(e.up.abs().max() for e in adapter.layers.values()) > 1e-3
+    losses = json.loads((out / "losses.json").read_text())
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in losses)
+    assert SchedulerObjective(Pipeline(pipe, "cpu", torch.float32).scheduler, None).prediction == prediction
