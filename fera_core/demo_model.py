@@ -7,7 +7,7 @@ with 2-pixel stripes (fine texture). Every attention block has to_q/to_k/to_v/to
 children, so FeRAModel finds them as it finds a diffusers UNet's.
 
 Train the shipped weights (settings in the README):
-    python -m fera_core.demo_model --steps 1200 --out fera_core/assets/demo_base.safetensors
+    python -m fera_core.demo_model --steps 1000 --batch 24 --ema 0.99 --out fera_core/assets/demo_base.safetensors
 """
 from __future__ import annotations
 
@@ -177,10 +177,10 @@ def train_base(steps: int, batch: int, lr: float, seed: int, ema_decay: float, l
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fera_core.demo_model", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=24)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--ema", type=float, default=0.99)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ASSET))
     args = p.parse_args(argv)
