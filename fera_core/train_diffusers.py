@@ -272,8 +272,13 @@ def _check(args, world: int) -> int:
 
 def train(args) -> dict:
     """Run the training described by the parsed arguments; returns {'adapter', 'trace', 'losses'} paths."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
+    try:
+        import diffusers  # noqa: F401
+        from accelerate import Accelerator
+        from tqdm.auto import tqdm
+    except ImportError as err:
+        raise TrainingError(f"training needs diffusers, transformers and accelerate ({err}): "
+                            "pip install diffusers transformers accelerate tqdm pillow") from None
 
     acc = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps)
     micro = _check(args, acc.num_processes)
