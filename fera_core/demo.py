@@ -1,4 +1,4 @@
-"""python -m fera_core demo: the whole method on a fresh machine, in about a minute on 2 CPU cores.
+"""python -m fera_core demo: the whole method on a fresh machine, in under two minutes on 2 CPU cores.
 
 The project's own tiny diffusion model (fera_core.demo_model; trained on smooth discs) is adapted
 with FeRA to striped rectangles, a kind of image that differs from the base data in coarse
@@ -10,7 +10,6 @@ safetensors and matplotlib; no diffusers, no ComfyUI, no downloads.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path

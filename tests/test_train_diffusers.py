@@ -22,7 +22,7 @@ from fera_core.__main__ import main  # noqa: E402
 from fera_core.diffusers_objective import SchedulerObjective  # noqa: E402
 from fera_core.train_diffusers import (Denoiser, ImageCaptions, Pipeline, batch_indices, checkpoints,  # noqa: E402
                                        load_checkpoint)
-from fera_core.training import fera_loss, noise_draws, training_step  # noqa: E402
+from fera_core.training import noise_draws, training_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
