@@ -1,7 +1,8 @@
 """python -m fera_core train: a FeRA adapter for a diffusers pipeline, on one process or many.
 
     python -m fera_core train PIPELINE_DIR IMAGES_DIR --output OUT [--max-steps 1000 ...]
-    accelerate launch --num_processes 8 -m fera_core train PIPELINE_DIR IMAGES_DIR --output OUT
+    accelerate launch --multi_gpu --num_processes 8 -m fera_core train PIPELINE_DIR IMAGES_DIR --output OUT
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m fera_core train ...   (CPU processes)
 
 PIPELINE_DIR is a `save_pretrained` directory of a StableDiffusion (1.x/2.x), StableDiffusionXL
 or StableDiffusion3 pipeline (UNet or transformer, text encoders and tokenizers, VAE,
@@ -20,7 +21,9 @@ optimizer and LR-schedule state, step, losses, trace; each written atomically).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -128,14 +131,20 @@ def batch_indices(step: int, batch: int, n: int, seed: int) -> list[int]:
     out, start = [], step * batch
     epoch, pos = divmod(start, n)
     while len(out) < batch:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, epoch, -1))).tolist()
         out += perm[pos:pos + batch - len(out)]
         epoch, pos = epoch + 1, 0
     return out
 
 
+def derived_seed(*parts: int) -> int:
+    """A 32-bit seed from several integers: torch's CPU generator keeps only a seed's low 32 bits, so
+    packing them (seed << 32 | step) would drop the run's seed."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+
+
 def step_generator(seed: int, step: int, device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed((seed << 32) + step)
+    return torch.Generator(device=device).manual_seed(derived_seed(seed, step))
 
 
 # ------------------------------------------------------------------------------------ pipeline
@@ -281,6 +290,11 @@ def train(args) -> dict:
                             "pip install diffusers transformers accelerate tqdm pillow") from None
 
     acc = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:
+        raise TrainingError(f"launched as {launched} processes, but accelerate runs {acc.num_processes}: each would "
+                            "train alone. On CPUs set ACCELERATE_USE_CPU=1 (accelerate launch --multi_gpu "
+                            "--num_processes N); `accelerate launch --cpu --num_processes N` starts only one process")
     micro = _check(args, acc.num_processes)
     out = Path(args.output)
     ckpt_dir = out / "checkpoints"
@@ -333,7 +347,7 @@ def train(args) -> dict:
         rows = batch_indices(step, args.batch_size, len(data), args.seed)
         u_all, noise_all = noise_draws((args.batch_size, *shape), step_generator(args.seed, step, acc.device),
                                        acc.device, args.diff_tuning)
-        torch.manual_seed((args.seed << 32) + step * world + rank)  # expert dropout, if any
+        torch.manual_seed(derived_seed(args.seed, step, rank, -2))  # expert dropout, if any
         parts_of_step = []
         for k in range(args.gradient_accumulation_steps):
             lo = (k * world + rank) * micro
@@ -371,7 +385,8 @@ def train(args) -> dict:
     bar.close()
     paths = {"adapter": out / "adapter.safetensors", "trace": out / "adapter.trace.json", "losses": out / "losses.json"}
     if acc.is_main_process:
-        meta = {"adapter": paths["adapter"].name, "run": "training", "settings": settings_of(args)}
+        meta = {"adapter": paths["adapter"].name, "run": "training", "settings": settings_of(args),
+                "processes": acc.num_processes}
         fera.save_adapters(paths["adapter"])
         _write_text(paths["trace"], RoutingTrace.from_rows(trace_rows, meta).to_json())
         _write_text(paths["losses"], json.dumps(losses))
