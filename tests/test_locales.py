@@ -28,8 +28,8 @@ SLOT_KEYS = {"name", "tooltip"}
 SCRIPT = {"zh": re.compile(r"[\u4e00-\u9fff]"), "ja": re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")}
 KANA = re.compile(r"[\u3040-\u30ff]")
 VUE_I18N_SYNTAX = re.compile(r"[{}@|]")
-# Terms ComfyUI's own zh/ja locales leave in English (e.g. zh "Latent"): allowed as whole names.
-KEPT_TERMS = {"Latent", "LoRA", "CLIP", "VAE"}
+# Terms ComfyUI's own zh/ja locales leave in English (e.g. zh "Latent"), and method names: allowed as whole names.
+KEPT_TERMS = {"Latent", "LoRA", "CLIP", "VAE", "Diff-Tuning"}
 
 
 def load(lang: str, name: str) -> dict:
