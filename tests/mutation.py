@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {
     "core": (["fera_core"], ["fera_core/router.py", "fera_core/experts.py", "fera_core/indicator.py"],
              ["tests/test_router.py", "tests/test_experts.py", "tests/test_indicator.py",
-              "tests/test_fera_model.py", "tests/test_fecl.py", "tests/test_reference_parity.py"], False),
+              "tests/test_fera_model.py", "tests/test_fecl.py", "tests/test_reference_parity.py",
+              "tests/test_core_contracts.py"], False),
     "nodes": (["nodes", "fera_core"], ["nodes/routing.py", "nodes/keys.py", "nodes/adapter_nodes.py"],
               # test_comfy_apply.py re-checks the same glue over many samplers: too slow per mutant
               ["tests/test_comfy_controls.py", "tests/test_comfy_families.py", "tests/test_comfy_keys.py",
