@@ -28,6 +28,17 @@ def test_controls_check_every_list_even_after_a_tensor():
         RoutingControls(mix=torch.ones(3), gains=[1.0, float("nan"), 1.0]).check(3)
 
 
+def test_controls_on_a_device_keep_their_values():
+    """on() is what the ComfyUI glue routes with: float32 tensors of the same values, tau unchanged."""
+    on = RoutingControls(tau=0.5, mix=[1, 2, 3], gains=[1.0, 0.0, 2.5]).on(torch.device("cpu"))
+    assert on.tau == 0.5
+    for got, want in ((on.mix, [1.0, 2.0, 3.0]), (on.gains, [1.0, 0.0, 2.5])):
+        assert got.dtype == torch.float32 and got.tolist() == want
+    assert RoutingControls().on(torch.device("cpu")) == RoutingControls()
+    routed = SoftFrequencyRouter()(torch.rand(2, 3), on)
+    torch.testing.assert_close(routed, torch.tensor([[1 / 6, 0.0, 1.25]] * 2))
+
+
 def test_router_output_has_the_routers_dtype_with_mix_and_gains():
     router = SoftFrequencyRouter().double()
     e = torch.full((2, 3), 1 / 3, dtype=torch.float64)
@@ -36,7 +47,7 @@ def test_router_output_has_the_routers_dtype_with_mix_and_gains():
 
 
 def test_error_messages_say_what_is_wrong():
-    with pytest.raises(ValueError, match="the row count must be a multiple of the latent batch"):
+    with pytest.raises(ValueError, match="the row count must be a multiple of the latent batch$"):
         rows_for(torch.ones(2, 12), 3)
     experts = RoutedExperts(6, 10, kernel_size=(3, 3))
     x = torch.randn(1, 6, 8, 8)
