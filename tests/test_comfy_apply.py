@@ -253,6 +253,8 @@ def test_sigma_range_and_controls(patcher, adapter):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_models(dtype):
+    """Runs, stays finite, near float32 and changed by FeRA. Whether each row gets its own routing in
+    half precision (5% of the output exceeds FeRA's effect here) is test_comfy_controls.py's check."""
     p32, p16 = tiny_patcher(), tiny_patcher(dtype)
     adapter = make_adapter(p32.model)
     want = sample(apply_fera(p32, adapter, 1.0))
