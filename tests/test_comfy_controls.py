@@ -15,7 +15,7 @@ setup_comfy()
 from fera_core import RoutingControls, band_energies  # noqa: E402
 from fera_core.model import FeRALayer  # noqa: E402
 from fera_core.trace import RoutingTrace  # noqa: E402
-from test_comfy_apply import make_adapter, sample, tiny_patcher  # noqa: E402
+from test_comfy_apply import adapter, make_adapter, patcher, sample, tiny_patcher  # noqa: E402,F401 (fixtures)
 
 keys = pack_module("nodes.keys")
 apply_fera = pack_module("nodes.routing").apply_fera
@@ -51,16 +51,6 @@ class HandRouted:
             self.handle.remove()
             for layer in self.layers:
                 layer.remove()
-
-
-@pytest.fixture(scope="module")
-def patcher():
-    return tiny_patcher()
-
-
-@pytest.fixture(scope="module")
-def adapter(patcher):
-    return make_adapter(patcher.model)
 
 
 def softmax_router(adapter, tau=None):
