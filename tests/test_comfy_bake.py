@@ -1,0 +1,78 @@
+"""Baked LoRAs in a real ComfyUI (COMFYUI_PATH), read by ComfyUI's own LoRA loader.
+
+A fixed-mix bake must equal Apply FeRA forced to that mix (tiny SD1.5, SD3 and Flux models of
+ComfyUI's classes, fused q/k/v included), and every key of a bake for any full-size family the pack
+applies to must land, with nothing left over, on the layer (and row slice) Apply FeRA patches.
+"""
+import logging
+
+import pytest
+import torch
+
+from comfy_host import FAMILIES as FULL_SIZE, build_model, pack_module, setup_comfy
+
+setup_comfy()
+import comfy.lora  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.utils  # noqa: E402
+
+from fera_core import RoutingControls  # noqa: E402
+from fera_core.bake import bake_lora, key_style, lora_keys, router_mix, save_lora  # noqa: E402
+from test_comfy_families import FAMILIES, adapter_for, run, tiny  # noqa: E402
+
+keys = pack_module("nodes.keys")
+apply_fera = pack_module("nodes.routing").apply_fera
+
+
+def comfy_lora(patcher, path, strength, caplog):
+    """The file as ComfyUI's LoraLoader reads it; fails on any key ComfyUI does not load."""
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    with caplog.at_level(logging.WARNING):
+        caplog.clear()
+        model, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0)
+    leftovers = [r.getMessage() for r in caplog.records if "not loaded" in r.getMessage().lower()]
+    assert not leftovers, leftovers[:3]
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fixed_mix_bake_equals_fera_forced_to_that_mix(family, tmp_path, caplog):
+    """Tolerance 1e-4 as in test_comfy_families (ComfyUI merges the LoRA into the weights, FeRA adds it
+    in the forward: float32 sums in another order); the LoRA's effect is checked to be far larger."""
+    patcher, channels, ctx = tiny(family)
+    adapter = adapter_for(patcher.model)
+    plain = run(patcher, channels, ctx)
+    for controls, strength in ((RoutingControls(mix=[0.2, 0.5, 0.3]), 0.7), (RoutingControls.forced(2, 3), 1.0)):
+        fera = run(apply_fera(patcher, adapter, strength, controls), channels, ctx)
+        path = save_lora(*bake_lora(adapter, router_mix(adapter, controls=controls)), tmp_path / "baked.safetensors")
+        baked = run(comfy_lora(patcher, path, strength, caplog), channels, ctx)
+        assert (fera - plain).abs().max() > 1e-2, "FeRA had no effect: the comparison would prove nothing"
+        torch.testing.assert_close(baked, fera, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(FULL_SIZE))
+def test_every_baked_key_lands_where_apply_fera_patches(family, caplog):
+    """Key naming for the released architectures (meta device: names only): each key of a bake over every
+    adapted-able attention and MLP projection maps to the same ComfyUI weight (and fused q/k/v slice)."""
+    model = build_model(family)
+    names = keys.diffusers_to_comfy(model)
+    style = key_style(names)
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    for path, (comfy_path, rows) in names.items():
+        stem = lora_keys(path, style)[0].rsplit(".", 2)[0]
+        assert stem in key_map, (family, path, stem)
+        target = key_map[stem]
+        if rows is None:
+            assert target == comfy_path + ".weight", (path, target)
+        else:
+            assert target[0] == comfy_path + ".weight" and tuple(target[1][1:]) == rows and target[1][0] == 0, (path, target)
+    # and the loader takes a file of such keys whole (shapes do not matter to the key matching)
+    lora = {}
+    for path in names:
+        down, up = lora_keys(path, style)
+        lora[down], lora[up] = torch.zeros(1, 1), torch.zeros(1, 1)
+    with caplog.at_level(logging.WARNING):
+        caplog.clear()
+        loaded = comfy.lora.load_lora(lora, key_map)
+    assert not [r for r in caplog.records if "not loaded" in r.getMessage()]
+    assert len(loaded) == len(set(names.values()))  # SDXL's map names add_embedding also class_embedding
