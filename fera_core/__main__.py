@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from . import bake_cli
 from .adapter_file import AdapterFileError, load_adapter, save_adapter
 
 
@@ -24,7 +25,10 @@ def main(argv=None) -> int:
         p.add_argument("--alpha", type=float, help="LoRA alpha of a reference .pt (default 1.0)")
         p.add_argument("--tau", type=float, help="router temperature of a reference .pt (default 0.7)")
         p.add_argument("--base-model", help="model family of a reference .pt (sd15, sdxl, ...)")
+    bake_cli.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "bake":
+        return bake_cli.run(args)
     try:
         if args.command == "info":
             adapter = load_adapter(args.file, **_reference_options(args))
