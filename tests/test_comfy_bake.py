@@ -76,3 +76,60 @@ def test_every_baked_key_lands_where_apply_fera_patches(family, caplog):
         loaded = comfy.lora.load_lora(lora, key_map)
     assert not [r for r in caplog.records if "not loaded" in r.getMessage()]
     assert len(loaded) == len(set(names.values()))  # SDXL's map names add_embedding also class_embedding
+
+
+# ---------------------------------------------------------------- the nodes
+
+from test_comfy_apply import make_adapter, sample, tiny_patcher  # noqa: E402
+from test_comfy_nodes import models_dir  # noqa: E402,F401  (fixture)
+
+bake_nodes = pack_module("nodes.bake_nodes")
+pack_bake = pack_module("fera_core.bake")
+
+
+def test_bake_node_writes_new_files_that_comfyui_loads_as_fera_at_that_mix(models_dir, caplog):
+    patcher = tiny_patcher()
+    adapter = make_adapter(patcher.model)
+    out = bake_nodes.BakeFeRAToLoRA.execute(adapter, "mix", "baked/fera", 4.0, mix="1, 2, 1")
+    name = out.args[0]
+    assert name == "baked/fera_00001.safetensors" and "mix 0.2500, 0.5000, 0.2500" in out.ui["text"][0]
+    again = bake_nodes.BakeFeRAToLoRA.execute(adapter, "expert", "baked/fera", 1.0, expert=2).args[0]
+    assert again == "baked/fera_00002.safetensors"  # never overwrites
+    path = models_dir / "loras" / name
+    _, info = pack_bake.read_baked_lora(path)
+    assert info["mix"] == [0.25, 0.5, 0.25] and info["strength"] == 4.0 and info["source"] == {"kind": "mix"}
+    fera = sample(apply_fera(patcher, adapter, 4.0, RoutingControls(mix=[1, 2, 1])))
+    baked = sample(comfy_lora(patcher, path, 1.0, caplog))
+    effect, error = (fera - sample(patcher)).abs().max(), (baked - fera).abs().max()
+    # outputs reach ~30: 2e-4 is float32 noise of sums taken in another order, 100x below the effect
+    assert error < 2e-4 < effect / 100
+
+
+def test_router_source_reads_the_latent(models_dir):
+    patcher = tiny_patcher()
+    adapter = make_adapter(patcher.model)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    name = bake_nodes.BakeFeRAToLoRA.execute(adapter, "router (latent)", "r", 1.0, latent={"samples": z},
+                                             temperature=0.5).args[0]
+    _, info = pack_bake.read_baked_lora(models_dir / "loras" / name)
+    want = router_mix(adapter, latent=z, controls=RoutingControls(tau=0.5))
+    assert info["mix"] == pytest.approx(want, abs=1e-7) and info["source"]["latent_shape"] == [2, 4, 8, 8]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mix_source="router (latent)"), "needs the latent input connected"),
+    (dict(mix_source="trace window"), "needs the trace input connected"),
+    (dict(mix_source="mix", mix="1, 2"), "mix needs one value per expert (3)"),
+    (dict(mix_source="expert", expert=3), "forced expert 3 is out of range 0..2"),
+    (dict(mix_source="mix", filename_prefix="../escape"), "must be a relative file name inside"),
+    (dict(mix_source="mix", filename_prefix="/tmp/abs"), "must be a relative file name inside"),
+    (dict(mix_source="mix", filename_prefix=" "), "must be a relative file name inside"),
+])
+def test_bake_node_refuses_bad_requests_and_writes_nothing(models_dir, kwargs, message):
+    patcher = tiny_patcher()
+    adapter = make_adapter(patcher.model)
+    args = dict(filename_prefix="x", strength=1.0) | kwargs
+    with pytest.raises(ValueError) as err:
+        bake_nodes.BakeFeRAToLoRA.execute(adapter, **args)
+    assert message in str(err.value)
+    assert list((models_dir / "loras").rglob("*")) == []
