@@ -1,0 +1,138 @@
+"""A baked schedule replayed by ComfyUI's own hook keyframe nodes (COMFYUI_PATH), no FeRA involved.
+
+The workflow the bake writes is executed node by node with ComfyUI's classes from
+comfy_extras/nodes_hooks.py (its hook subgraph; the prompts are given), and sampled on a tiny
+SD1.5-architecture model. At every step the result must be FeRA with that step's mix.
+"""
+import json
+
+import pytest
+import torch
+
+from comfy_host import pack_module, setup_comfy
+
+setup_comfy()
+import comfy.model_management  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+import comfy_extras.nodes_hooks as hook_nodes  # noqa: E402
+import folder_paths  # noqa: E402
+
+from fera_core.model import FeRALayer  # noqa: E402
+from test_comfy_apply import conds, make_adapter, tiny_patcher  # noqa: E402
+from test_comfy_nodes import models_dir  # noqa: E402,F401  (fixture)
+
+keys = pack_module("nodes.keys")
+bake_schedule = pack_module("fera_core.bake_schedule")
+bake_workflow = pack_module("fera_core.bake_workflow")
+bake = pack_module("fera_core.bake")
+WIDGET_KINDS = ("FLOAT", "INT", "STRING", "BOOLEAN")
+
+
+def run_hook_nodes(workflow: dict, given: dict) -> dict:
+    """Outputs of every node of `workflow`: ComfyUI's hook nodes executed with their widget values and
+    links; other nodes' outputs taken from `given` (by title, else type)."""
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {link[0]: link for link in workflow["links"]}
+    done = {}
+
+    def outputs(node_id):
+        if node_id not in done:
+            node = nodes[node_id]
+            cls = hook_nodes.NODE_CLASS_MAPPINGS.get(node["type"])
+            if cls is None:
+                done[node_id] = given[node.get("title", node["type"])]
+                return done[node_id]
+            widgets, kwargs = iter(node["widgets_values"]), {}
+            spec = cls.INPUT_TYPES()
+            for name, (kind, *_) in [*spec["required"].items(), *spec.get("optional", {}).items()]:
+                socket = next((i for i in node["inputs"] if i["name"] == name), None)
+                if socket is not None and socket["link"] is not None:
+                    _, src, slot, *_ = links[socket["link"]]
+                    kwargs[name] = outputs(src)[slot]
+                elif isinstance(kind, list) or kind in WIDGET_KINDS:
+                    kwargs[name] = next(widgets)
+            assert next(widgets, None) is None, f"{node['type']}: more widget values than widgets"
+            done[node_id] = getattr(cls(), cls.FUNCTION)(**kwargs)
+        return done[node_id]
+
+    return {node_id: outputs(node_id) for node_id in nodes if nodes[node_id]["type"] in hook_nodes.NODE_CLASS_MAPPINGS}
+
+
+def percent_of(model_sampling, sigma: float) -> float:
+    """Inverse of percent_to_sigma by bisection (exact enough: 50 halvings)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float(model_sampling.percent_to_sigma(mid)) > sigma else (lo, mid)
+    return (lo + hi) / 2
+
+
+class StepMix:
+    """fera_core's FeRA on the ComfyUI modules with the mix of each step forced (plain torch hooks):
+    a call is matched to its step by the timestep the diffusion model receives."""
+
+    def __init__(self, model, adapter, timesteps, mixes):
+        names = keys.diffusers_to_comfy(model)
+        self.layers = [FeRALayer(p, model.get_submodule(names[p][0]), e) for p, e in adapter.layers.items()]
+        self.calls = []
+
+        def route(_module, args):
+            t = float(args[1].reshape(-1)[0])
+            step = min(range(len(timesteps)), key=lambda k: abs(timesteps[k] - t))
+            self.calls.append(step)
+            for layer in self.layers:
+                layer.set_routing_weights(torch.tensor([mixes[step]]))
+
+        self.handle = model.diffusion_model.register_forward_pre_hook(route)
+
+    def remove(self):
+        self.handle.remove()
+        for layer in self.layers:
+            layer.remove()
+
+
+def sample_one(patcher, positive, negative, steps, scheduler="normal"):
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    out = comfy.sample.sample(patcher, noise, steps, 5.0, "euler", scheduler, positive, negative,
+                              torch.zeros(1, 4, 8, 8), seed=5, disable_pbar=True)
+    comfy.model_management.unload_all_models()
+    return out
+
+
+def write_loras(adapter, folder):
+    names = []
+    for m, (tensors, meta) in enumerate(bake_schedule.expert_loras(adapter)):
+        names.append(f"sched_expert{m}.safetensors")
+        bake.save_lora(tensors, meta, folder / names[-1])
+    return names
+
+
+@pytest.mark.parametrize("scheduler", ["normal", "karras"])
+def test_hook_workflow_applies_each_steps_mix(models_dir, scheduler):
+    patcher = tiny_patcher()
+    adapter = make_adapter(patcher.model)
+    sampling = patcher.model.model_sampling
+    n = 6
+    sigmas = comfy.samplers.calculate_sigmas(sampling, scheduler, n)[:-1].tolist()
+    gen = torch.Generator().manual_seed(9)
+    mixes = (torch.softmax(torch.randn(n, 3, generator=gen) * 2, dim=1) * 3).tolist()  # strengths up to 3
+    steps = [{"step": k, "sigma": s, "percent": percent_of(sampling, s), "strengths": w}
+             for k, (s, w) in enumerate(zip(sigmas, mixes))]
+    data = bake_schedule.schedule(adapter, steps, write_loras(adapter, models_dir / "loras"))
+    workflow = json.loads(json.dumps(bake_workflow.hook_workflow(data)))  # as read back from the file
+    pos, neg = conds()
+    outs = run_hook_nodes(workflow, {"positive": (pos,), "negative": (neg,)})
+    pair = next(n["id"] for n in workflow["nodes"] if n["type"] == "PairConditioningSetProperties")
+    hooked = sample_one(patcher, *outs[pair], n, scheduler)
+
+    timesteps = [float(sampling.timestep(torch.tensor(s))) for s in sigmas]
+    forced = StepMix(patcher.model, adapter, timesteps, mixes)
+    try:
+        want = sample_one(patcher, pos, neg, n, scheduler)
+    finally:
+        forced.remove()
+    assert sorted(set(forced.calls)) == list(range(n))
+    base = sample_one(patcher, pos, neg, n, scheduler)
+    effect, error = (want - base).abs().max(), (hooked - want).abs().max()
+    assert error < 2e-4 < effect / 100, (float(error), float(effect))
