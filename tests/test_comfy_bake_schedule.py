@@ -136,3 +136,38 @@ def test_hook_workflow_applies_each_steps_mix(models_dir, scheduler):
     base = sample_one(patcher, pos, neg, n, scheduler)
     effect, error = (want - base).abs().max(), (hooked - want).abs().max()
     assert error < 2e-4 < effect / 100, (float(error), float(effect))
+
+
+def test_traced_run_baked_by_the_node_replays_fera(models_dir, tmp_path, monkeypatch):
+    """FeRA run (batch 1: cond and uncond rows share the latent, so each step has one mix) -> FeRA Routing
+    Trace -> Bake FeRA to LoRA Schedule -> its workflow file through ComfyUI's hook nodes == the FeRA run."""
+    routing = pack_module("nodes.routing")
+    inspect = pack_module("nodes.inspect_nodes")
+    bake_nodes = pack_module("nodes.bake_nodes")
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
+    patcher = tiny_patcher()
+    adapter = make_adapter(patcher.model)
+    pos, neg = conds()
+    model = routing.apply_fera(patcher, adapter, 1.5, tracing=True)
+    fera = sample_one(model, pos, neg, 6, "karras")
+    trace = inspect.FeRARoutingTrace.execute(model, {"samples": fera}, False).args[0]
+    names, text = bake_nodes.BakeFeRAToLoRASchedule.execute(adapter, trace, "runs/fera", 1.5).args
+    assert names.split("\n") == [f"runs/fera_00001_expert{m}.safetensors" for m in range(3)]
+    data = json.loads(text)
+    assert [s["strengths"] for s in data["steps"]] == [w for _, _, w in trace.step_weights()]
+    assert len({tuple(s["strengths"]) for s in data["steps"]}) == 6  # the mix moves every step
+    saved = tmp_path / "output" / "runs"
+    assert json.loads((saved / "fera_00001_schedule.json").read_text()) == data
+    workflow = json.loads((saved / "fera_00001_workflow.json").read_text())
+    outs = run_hook_nodes(workflow, {"positive": (pos,), "negative": (neg,)})
+    pair = next(n["id"] for n in workflow["nodes"] if n["type"] == "PairConditioningSetProperties")
+    hooked = sample_one(patcher, *outs[pair], 6, "karras")
+    effect, error = (fera - sample_one(patcher, pos, neg, 6, "karras")).abs().max(), (hooked - fera).abs().max()
+    assert error < 2e-4 < effect / 100, (float(error), float(effect))
+
+    # the same trace as one fixed mix over a window of the schedule
+    name = bake_nodes.BakeFeRAToLoRA.execute(adapter, "trace window", "win", 1.0, trace=trace, start_percent=0.2,
+                                             end_percent=0.8, rows="cond").args[0]
+    _, info = bake.read_baked_lora(models_dir / "loras" / name)
+    assert info["mix"] == trace.mean_weights(0.2, 0.8, "cond")
+    assert info["source"] == {"kind": "trace", "window": [0.2, 0.8], "rows": "cond"}
