@@ -189,3 +189,108 @@ def test_truncated_or_missing_baked_file_is_refused(adapter, tmp_path, keep):
         read_baked_lora(tmp_path / "cut.safetensors")
     with pytest.raises(AdapterFileError, match="no such file"):
         read_baked_lora(tmp_path / "missing.safetensors")
+
+
+# ---------------------------------------------------------------- other families in diffusers
+
+def _tiny_sdxl():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), cross_attention_dim=32, transformer_layers_per_block=(1, 2),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80)
+    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+                                     unet=unet, scheduler=EulerDiscreteScheduler())
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(sample=torch.randn(1, 4, 16, 16, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 7, 32, generator=g),
+                  added_cond_kwargs={"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.rand(1, 6)})
+    return pipe, unet, inputs
+
+
+def _tiny_sd15_conv():
+    """SD1.5 layout with conv proj_in/proj_out (1x1 Conv2d): conv experts bake to 4-d LoRA weights."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=4, cross_attention_dim=32)
+    pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet,
+                                   scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(sample=torch.randn(1, 4, 16, 16, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 7, 32, generator=g))
+    return pipe, unet, inputs
+
+
+def _tiny_sd3():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                  caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=16,
+                                  dual_attention_layers=(0,), qk_norm="rms_norm")
+    pipe = StableDiffusion3Pipeline(transformer=model, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 4, 16, 16, generator=g), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, 7, 32, generator=g),
+                  pooled_projections=torch.randn(1, 16, generator=g))
+    return pipe, model, inputs
+
+
+def _tiny_flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=model)
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 16, generator=g), timestep=torch.tensor([0.5]),
+                  encoder_hidden_states=torch.randn(1, 7, 32, generator=g),
+                  pooled_projections=torch.randn(1, 16, generator=g), img_ids=torch.rand(16, 3),
+                  txt_ids=torch.zeros(7, 3))
+    return pipe, model, inputs
+
+
+LEAVES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_in",
+          "proj_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.2", "proj_mlp"]
+
+
+@pytest.mark.parametrize("family", ["sd15_conv", "sdxl", "sd3", "flux"])
+def test_diffusers_loads_every_key_of_other_families(tmp_path, family):
+    """Every attention, MLP and projection layer (SD3/Flux: separate q/k/v, which ComfyUI fuses): the
+    pipeline's load_lora_weights matches every key, and the result is FeRA at that mix."""
+    pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft")
+    from fera_core import FeRAConfig, FeRAModel
+    pipe, model, inputs = {"sd15_conv": _tiny_sd15_conv, "sdxl": _tiny_sdxl, "sd3": _tiny_sd3,
+                          "flux": _tiny_flux}[family]()
+    model.eval()
+    fm = FeRAModel(model, FeRAConfig(alpha=2.0, target_modules=LEAVES, match_full_name=True))
+    with torch.no_grad():
+        for e in fm.adapter.layers.values():
+            e.up.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(e.up)))
+    mix = [0.6, 0.0, 0.4]
+    fm.set_routing_weights(torch.tensor([mix]))
+    first = lambda out: out[0] if isinstance(out, tuple) else out.sample  # noqa: E731
+    with torch.no_grad():
+        fera = first(model(**inputs, return_dict=False))
+        fm.set_routing_weights(None)
+        base = first(model(**inputs, return_dict=False))
+    adapter = fm.adapter
+    fm.remove()
+    path = save_lora(*bake_lora(adapter, mix), tmp_path / f"{family}.safetensors")
+    pipe.load_lora_weights(str(path), adapter_name="baked")
+    injected = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and "baked" in m.lora_A]
+    assert sorted(injected) == sorted(adapter.layers) and len(injected) >= 16
+    if family == "sd15_conv":
+        assert any(e.down.ndim == 4 for e in adapter.layers.values())
+    with torch.no_grad():
+        baked = first(model(**inputs, return_dict=False))
+    scale = fera.abs().max()
+    assert (fera - base).abs().max() / scale > 1e-2
+    assert (baked - fera).abs().max() / scale < 1e-5
