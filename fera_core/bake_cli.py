@@ -43,6 +43,7 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, help="router temperature for --latent/--energies")
     p.add_argument("--alpha", type=float, help="LoRA alpha of a reference .pt (default 1.0)")
     p.add_argument("--tau", type=float, help="router temperature of a reference .pt (default 0.7)")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
 
 
 def run(args) -> int:
@@ -53,6 +54,7 @@ def run(args) -> int:
         if args.schedule:
             return _schedule(adapter, args, rows)
         mix, source = _mix(adapter, args, rows)
+        _refuse_existing([Path(args.out)], args.force)
         tensors, meta = bake_lora(adapter, mix, args.strength, dict(source, adapter=Path(args.adapter).name))
         save_lora(tensors, meta, args.out)
         print(f"wrote {args.out}: {len(adapter.layers)} layers, rank {json.loads(meta['fera.baked'])['rank']}, "
@@ -61,6 +63,12 @@ def run(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _refuse_existing(paths: list[Path], force: bool) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise FileExistsError(f"{', '.join(existing)}: already exists; pass --force to overwrite")
 
 
 def _numbers(text: str) -> list[float]:
@@ -104,6 +112,8 @@ def _schedule(adapter, args, rows) -> int:
     prefix = Path(args.out)
     names = [f"{prefix.name}_expert{m}.safetensors" for m in range(adapter.config.num_experts)]
     data = schedule(adapter, steps, names, args.strength, args.rows)
+    outputs = names + [f"{prefix.name}_schedule.json", f"{prefix.name}_workflow.json"]
+    _refuse_existing([prefix.with_name(n) for n in outputs], args.force)
     for (tensors, meta), name in zip(expert_loras(adapter, {"kind": "schedule", "trace": Path(args.schedule).name}),
                                      names):
         save_lora(tensors, meta, prefix.with_name(name))

@@ -77,3 +77,12 @@ def test_metadata_names_the_source(tmp_path, ref_adapter_path):
     _, info = read_baked_lora(out)
     assert info["source"] == {"kind": "router", "energies": [0.5, 0.3, 0.2], "adapter": ref_adapter_path.name}
     assert json.dumps(info)  # plain JSON
+
+
+def test_existing_output_is_kept_unless_forced(tmp_path, ref_adapter_path, capsys):
+    out = tmp_path / "b.safetensors"
+    out.write_bytes(b"mine")
+    assert main(["bake", str(ref_adapter_path), str(out), "--expert", "0"]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err and out.read_bytes() == b"mine"
+    assert main(["bake", str(ref_adapter_path), str(out), "--expert", "0", "--force"]) == 0
+    assert read_baked_lora(out)[1]["experts"] == [0]
