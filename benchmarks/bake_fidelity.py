@@ -46,10 +46,9 @@ import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 
 from test_comfy_apply import conds, latents, make_adapter, tiny_patcher  # noqa: E402
-from test_comfy_bake_schedule import run_hook_nodes  # noqa: E402
+from test_comfy_bake_schedule import percent_of, run_hook_nodes  # noqa: E402
 
 routing = pack_module("nodes.routing")
-tracing = pack_module("nodes.tracing")
 bake = pack_module("fera_core.bake")
 bake_schedule = pack_module("fera_core.bake_schedule")
 bake_workflow = pack_module("fera_core.bake_workflow")
@@ -69,7 +68,7 @@ def sample(patcher, seed, steps, positive=None, negative=None):
 def traced_fera(patcher, adapter, seed, steps):
     sampling = patcher.model.model_sampling
     sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", round(steps / DENOISE))[-(steps + 1):]
-    trace = RoutingTrace(schedule=sigmas, percent_of=tracing.percent_function(sampling))
+    trace = RoutingTrace(schedule=sigmas, percent_of=lambda sigma: percent_of(sampling, sigma))
     out = sample(routing.apply_fera(patcher, adapter, 1.0, trace=trace), seed, steps)
     return out, trace
 

@@ -26,6 +26,7 @@ keys = pack_module("nodes.keys")
 bake_schedule = pack_module("fera_core.bake_schedule")
 bake_workflow = pack_module("fera_core.bake_workflow")
 bake = pack_module("fera_core.bake")
+RoutingTrace = pack_module("fera_core.trace").RoutingTrace
 WIDGET_KINDS = ("FLOAT", "INT", "STRING", "BOOLEAN")
 
 
@@ -138,19 +139,25 @@ def test_hook_workflow_applies_each_steps_mix(models_dir, scheduler):
     assert error < 2e-4 < effect / 100, (float(error), float(effect))
 
 
+def traced_run(patcher, adapter, strength, positive, negative, steps, scheduler):
+    """(output, RoutingTrace) of a FeRA run, steps and schedule percents recorded."""
+    sampling = patcher.model.model_sampling
+    trace = RoutingTrace(schedule=comfy.samplers.calculate_sigmas(sampling, scheduler, steps),
+                         percent_of=lambda sigma: percent_of(sampling, sigma))
+    out = sample_one(pack_module("nodes.routing").apply_fera(patcher, adapter, strength, trace=trace),
+                     positive, negative, steps, scheduler)
+    return out, trace.frozen()
+
+
 def test_traced_run_baked_by_the_node_replays_fera(models_dir, tmp_path, monkeypatch):
-    """FeRA run (batch 1: cond and uncond rows share the latent, so each step has one mix) -> FeRA Routing
-    Trace -> Bake FeRA to LoRA Schedule -> its workflow file through ComfyUI's hook nodes == the FeRA run."""
-    routing = pack_module("nodes.routing")
-    inspect = pack_module("nodes.inspect_nodes")
+    """FeRA run (batch 1: cond and uncond rows share the latent, so each step has one mix) -> trace ->
+    Bake FeRA to LoRA Schedule -> its workflow file through ComfyUI's hook nodes == the FeRA run."""
     bake_nodes = pack_module("nodes.bake_nodes")
     monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
     patcher = tiny_patcher()
     adapter = make_adapter(patcher.model)
     pos, neg = conds()
-    model = routing.apply_fera(patcher, adapter, 1.5, tracing=True)
-    fera = sample_one(model, pos, neg, 6, "karras")
-    trace = inspect.FeRARoutingTrace.execute(model, {"samples": fera}, False).args[0]
+    fera, trace = traced_run(patcher, adapter, 1.5, pos, neg, 6, "karras")
     names, text = bake_nodes.BakeFeRAToLoRASchedule.execute(adapter, trace, "runs/fera", 1.5).args
     assert names.split("\n") == [f"runs/fera_00001_expert{m}.safetensors" for m in range(3)]
     data = json.loads(text)
