@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from comfy_host import pack_module, setup_comfy
+from comfy_host import PACK_ROOT, pack_module, setup_comfy
 
 setup_comfy()
 import comfy.model_management  # noqa: E402
@@ -27,12 +27,13 @@ bake_schedule = pack_module("fera_core.bake_schedule")
 bake_workflow = pack_module("fera_core.bake_workflow")
 bake = pack_module("fera_core.bake")
 RoutingTrace = pack_module("fera_core.trace").RoutingTrace
-WIDGET_KINDS = ("FLOAT", "INT", "STRING", "BOOLEAN")
+WIDGET_KINDS = ("FLOAT", "INT", "STRING", "BOOLEAN", "COMBO")
 
 
-def run_hook_nodes(workflow: dict, given: dict) -> dict:
-    """Outputs of every node of `workflow`: ComfyUI's hook nodes executed with their widget values and
-    links; other nodes' outputs taken from `given` (by title, else type)."""
+def run_nodes(workflow: dict, classes: dict, given: dict) -> dict:
+    """Outputs of the nodes of `workflow` whose type is in `classes` (ComfyUI V1 or V3 node classes),
+    executed with their widget values and links; other nodes' outputs are taken from `given` (by
+    title, else type)."""
     nodes = {n["id"]: n for n in workflow["nodes"]}
     links = {link[0]: link for link in workflow["links"]}
     done = {}
@@ -40,7 +41,7 @@ def run_hook_nodes(workflow: dict, given: dict) -> dict:
     def outputs(node_id):
         if node_id not in done:
             node = nodes[node_id]
-            cls = hook_nodes.NODE_CLASS_MAPPINGS.get(node["type"])
+            cls = classes.get(node["type"])
             if cls is None:
                 done[node_id] = given[node.get("title", node["type"])]
                 return done[node_id]
@@ -54,10 +55,18 @@ def run_hook_nodes(workflow: dict, given: dict) -> dict:
                 elif isinstance(kind, list) or kind in WIDGET_KINDS:
                     kwargs[name] = next(widgets)
             assert next(widgets, None) is None, f"{node['type']}: more widget values than widgets"
-            done[node_id] = getattr(cls(), cls.FUNCTION)(**kwargs)
+            if hasattr(cls, "execute"):  # V3
+                done[node_id] = cls.execute(**kwargs).args
+            else:
+                done[node_id] = getattr(cls(), cls.FUNCTION)(**kwargs)
         return done[node_id]
 
-    return {node_id: outputs(node_id) for node_id in nodes if nodes[node_id]["type"] in hook_nodes.NODE_CLASS_MAPPINGS}
+    return {node_id: outputs(node_id) for node_id in nodes if nodes[node_id]["type"] in classes}
+
+
+def run_hook_nodes(workflow: dict, given: dict) -> dict:
+    """run_nodes with ComfyUI's built-in hook nodes (comfy_extras/nodes_hooks.py)."""
+    return run_nodes(workflow, hook_nodes.NODE_CLASS_MAPPINGS, given)
 
 
 def percent_of(model_sampling, sigma: float) -> float:
@@ -178,3 +187,25 @@ def test_traced_run_baked_by_the_node_replays_fera(models_dir, tmp_path, monkeyp
     _, info = bake.read_baked_lora(models_dir / "loras" / name)
     assert info["mix"] == trace.mean_weights(0.2, 0.8, "cond")
     assert info["source"] == {"kind": "trace", "window": [0.2, 0.8], "rows": "cond"}
+
+
+def test_bake_workflow_file_bakes_a_traced_run(models_dir, tmp_path, monkeypatch):
+    """workflows/bake_fera.json's two bake nodes, with its widget values, on a traced run's trace."""
+    bake_nodes = pack_module("nodes.bake_nodes")
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
+    patcher = tiny_patcher()
+    adapter = make_adapter(patcher.model)
+    pos, neg = conds()
+    _, trace = traced_run(patcher, adapter, 1.0, pos, neg, 4, "normal")
+    workflow = json.loads((PACK_ROOT / "workflows" / "bake_fera.json").read_text())
+    classes = {cls.GET_SCHEMA().node_id: cls for cls in bake_nodes.NODES}
+    outs = run_nodes(workflow, classes, {"LoadFeRAAdapter": (adapter,), "FeRARoutingTrace": (trace,)})
+    by_type = {n["type"]: outs[n["id"]] for n in workflow["nodes"] if n["id"] in outs}
+    (name,) = by_type["BakeFeRAToLoRA"]
+    _, info = bake.read_baked_lora(models_dir / "loras" / name)
+    assert info["mix"] == trace.mean_weights() and info["source"]["kind"] == "trace"
+    names, text = by_type["BakeFeRAToLoRASchedule"]
+    assert [s["strengths"] for s in json.loads(text)["steps"]] == [w for _, _, w in trace.step_weights()]
+    assert all((models_dir / "loras" / n).is_file() for n in names.split("\n"))
+    assert sorted(p.name for p in (tmp_path / "output").iterdir()) == ["fera_schedule_00001_schedule.json",
+                                                                       "fera_schedule_00001_workflow.json"]
