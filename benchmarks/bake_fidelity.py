@@ -46,7 +46,7 @@ import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 
 from test_comfy_apply import conds, latents, make_adapter, tiny_patcher  # noqa: E402
-from test_comfy_bake_schedule import percent_of, run_hook_nodes  # noqa: E402
+from test_comfy_bake_schedule import hooked_conds, percent_of  # noqa: E402
 
 routing = pack_module("nodes.routing")
 bake = pack_module("fera_core.bake")
@@ -79,11 +79,7 @@ def hooked(patcher, trace, adapter, loras: Path, seed, steps):
         names.append(f"bench_expert{m}.safetensors")
         bake.save_lora(tensors, meta, loras / names[-1])
     data = bake_schedule.schedule(adapter, bake_schedule.trace_steps(trace), names)
-    workflow = bake_workflow.hook_workflow(data)
-    pos, neg = conds()
-    outs = run_hook_nodes(workflow, {"positive": (pos,), "negative": (neg,)})
-    pair = next(n["id"] for n in workflow["nodes"] if n["type"] == "PairConditioningSetProperties")
-    return sample(patcher, seed, steps, *outs[pair])
+    return sample(patcher, seed, steps, *hooked_conds(bake_workflow.hook_workflow(data), *conds()))
 
 
 def fixed(patcher, mix, adapter, loras: Path, seed, steps):

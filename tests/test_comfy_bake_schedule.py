@@ -69,6 +69,12 @@ def run_hook_nodes(workflow: dict, given: dict) -> dict:
     return run_nodes(workflow, hook_nodes.NODE_CLASS_MAPPINGS, given)
 
 
+def hooked_conds(workflow: dict, positive, negative):
+    """(positive, negative) with the workflow's hooks attached, as its Cond Pair Set Props outputs them."""
+    pair = next(n["id"] for n in workflow["nodes"] if n["type"] == "PairConditioningSetProperties")
+    return run_hook_nodes(workflow, {"positive": (positive,), "negative": (negative,)})[pair]
+
+
 def percent_of(model_sampling, sigma: float) -> float:
     """Inverse of percent_to_sigma by bisection (exact enough: 50 halvings)."""
     lo, hi = 0.0, 1.0
@@ -132,9 +138,7 @@ def test_hook_workflow_applies_each_steps_mix(models_dir, scheduler):
     data = bake_schedule.schedule(adapter, steps, write_loras(adapter, models_dir / "loras"))
     workflow = json.loads(json.dumps(bake_workflow.hook_workflow(data)))  # as read back from the file
     pos, neg = conds()
-    outs = run_hook_nodes(workflow, {"positive": (pos,), "negative": (neg,)})
-    pair = next(n["id"] for n in workflow["nodes"] if n["type"] == "PairConditioningSetProperties")
-    hooked = sample_one(patcher, *outs[pair], n, scheduler)
+    hooked = sample_one(patcher, *hooked_conds(workflow, pos, neg), n, scheduler)
 
     timesteps = [float(sampling.timestep(torch.tensor(s))) for s in sigmas]
     forced = StepMix(patcher.model, adapter, timesteps, mixes)
@@ -175,9 +179,7 @@ def test_traced_run_baked_by_the_node_replays_fera(models_dir, tmp_path, monkeyp
     saved = tmp_path / "output" / "runs"
     assert json.loads((saved / "fera_00001_schedule.json").read_text()) == data
     workflow = json.loads((saved / "fera_00001_workflow.json").read_text())
-    outs = run_hook_nodes(workflow, {"positive": (pos,), "negative": (neg,)})
-    pair = next(n["id"] for n in workflow["nodes"] if n["type"] == "PairConditioningSetProperties")
-    hooked = sample_one(patcher, *outs[pair], 6, "karras")
+    hooked = sample_one(patcher, *hooked_conds(workflow, pos, neg), 6, "karras")
     effect, error = (fera - sample_one(patcher, pos, neg, 6, "karras")).abs().max(), (hooked - fera).abs().max()
     assert error < 2e-4 < effect / 100, (float(error), float(effect))
 
