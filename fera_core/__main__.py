@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import bake_cli
+from . import bake_cli, demo, train_diffusers
 from .adapter_file import FORMAT_VERSION, FeRAAdapter, load_adapter, save_adapter
 
 
@@ -80,10 +80,11 @@ def main(argv=None) -> int:
         p.add_argument("--alpha", type=float, help="LoRA alpha of a reference .pt (default 1.0)")
         p.add_argument("--tau", type=float, help="router temperature of a reference .pt (default 0.7)")
         p.add_argument("--base-model", help="model family of a reference .pt (sd15, sdxl, ...)")
-    bake_cli.add_parser(sub)
+    for module in (demo, train_diffusers, bake_cli):  # subcommands in their own modules set args.handler
+        module.add_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "bake":
-        return bake_cli.run(args)
+    if hasattr(args, "handler"):
+        return args.handler(args)
     given = _reference_options(args)
     try:
         if args.command == "info":

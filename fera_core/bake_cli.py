@@ -44,6 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("--alpha", type=float, help="LoRA alpha of a reference .pt (default 1.0)")
     p.add_argument("--tau", type=float, help="router temperature of a reference .pt (default 0.7)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.set_defaults(handler=run)
 
 
 def run(args) -> int:

@@ -8,7 +8,8 @@ import torch
 
 from fera_core import FeRAConfig, FeRAModel, fecl_loss
 from fera_core.training import (EPSILON, FLOW, HIGH_NOISE, LOW_NOISE, PREDICTIONS, SAMPLE, UNIFORM, V_PREDICTION,
-                                fera_loss, prediction_from_x0, regression_target, sample_noise_levels, training_step)
+                                fera_loss, noise_draws, prediction_from_x0, regression_target, sample_noise_levels,
+                                training_step)
 
 
 def test_noise_level_weightings_have_their_densities():
@@ -203,3 +204,22 @@ def test_row_weights_combine_target_and_retention_means(latents):
     per_row = [fera_loss(pred[i:i + 1], base[i:i + 1], noise[i:i + 1], cfg).loss for i in range(4)]
     expected = sum(per_row[:3]) / 3 + 0.1 * per_row[3]
     torch.testing.assert_close(fera_loss(pred, base, noise, cfg, w).loss, expected)
+
+
+def test_global_draws_split_over_processes_give_the_batch_loss(objective, reference_io):
+    """A data-parallel trainer draws (u, noise) for the global batch and hands each process its rows: the
+    mean of the per-process losses is the whole batch's loss (only summation order differs), and drawing
+    from a generator inside the step is the same as passing noise_draws of that generator."""
+    x0, cond = reference_io["target"][:4, :, :16, :16], reference_io["encoder_hidden_states"][:4]
+    cfg = objective.fera.config
+    objective.fera.adapter.requires_grad_(False)
+    for layer in objective.fera.fera_layers:
+        torch.nn.init.normal_(layer.experts.up, std=0.1)  # experts that change the output, so FECL is not 0
+    whole = training_step(objective, x0, cond, cfg, torch.Generator().manual_seed(2)).loss
+    u, noise = noise_draws(x0.shape, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(training_step(objective, x0, cond, cfg, draws=(u, noise)).loss, whole)
+    halves = [training_step(objective, x0[s], cond[s], cfg, draws=(u[s], noise[s])).loss for s in (slice(0, 2), slice(2, 4))]
+    torch.testing.assert_close(sum(halves) / 2, whole, rtol=1e-5, atol=1e-6)
+    own = [training_step(objective, x0[s], cond[s], cfg, torch.Generator().manual_seed(2 + i)).loss
+           for i, s in enumerate((slice(0, 2), slice(2, 4)))]
+    assert abs(sum(own) / 2 - whole) > 1e-2 * whole  # per-process draws would give another loss

@@ -64,7 +64,7 @@ def test_folder_check_sees_what_would_shadow_or_pollute_templates(tmp_path, plan
 
 
 def test_readme_first_command_runs_on_the_shipped_example():
-    """The README's first command reads the example adapter where the pack ships it."""
+    """The README's info command reads the example adapter where the pack ships it."""
     readme = (PACK_ROOT / "README.md").read_text()
     command = re.search(r"python -m fera_core info (\S+)", readme)
     assert command, "README has no `python -m fera_core info FILE` command"

@@ -1,0 +1,428 @@
+"""python -m fera_core train: a FeRA adapter for a diffusers pipeline, on one process or many.
+
+    python -m fera_core train PIPELINE_DIR IMAGES_DIR --output OUT [--max-steps 1000 ...]
+    accelerate launch --multi_gpu --num_processes 8 -m fera_core train PIPELINE_DIR IMAGES_DIR --output OUT
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m fera_core train ...   (CPU processes)
+
+PIPELINE_DIR is a `save_pretrained` directory of a StableDiffusion (1.x/2.x), StableDiffusionXL
+or StableDiffusion3 pipeline (UNet or transformer, text encoders and tokenizers, VAE,
+scheduler); IMAGES_DIR holds images with same-named .txt captions. The loss is fera_core.training's, with the scheduler's objective
+(fera_core.diffusers_objective). Scale-out is accelerate's: data-parallel processes, mixed
+precision and gradient accumulation; --batch-size is the GLOBAL batch of one optimizer step,
+split over processes and accumulation micro-steps. Every random draw of step s (image order,
+noise levels, noise) is made for the whole global batch from (seed, s), so the loss curve is
+the same however the batch is split, and a resumed run continues exactly: that is why a
+checkpoint needs no RNG state beyond its step.
+
+Writes OUT/adapter.safetensors (the project's adapter format), OUT/adapter.trace.json (the
+routing of every training row: step, noise level, band energies, expert weights),
+OUT/losses.json, and OUT/checkpoints/step-N.pt every --checkpoint-every steps (adapter,
+optimizer and LR-schedule state, step, losses, trace; each written atomically).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter_file import atomic_write
+from .config import FeRAConfig
+from .diffusers_objective import SchedulerObjective
+from .indicator import DEFINITIONS, REFERENCE
+from .model import FeRAModel
+from .trace import RoutingTrace
+from .training import noise_draws, training_step
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_CHECKPOINT = re.compile(r"^step-(\d+)\.pt$")
+_FAMILIES = {768: "sd15", 1024: "sd2"}  # UNet cross-attention width -> model family
+# Settings a resumed run must share with the checkpoint (others, like --max-steps, may change).
+_RESUME_KEYS = ("pipeline", "data", "batch_size", "resolution", "seed", "rank", "alpha", "num_experts", "num_bands",
+                "tau", "indicator", "targets", "match_full_name", "fecl_weight", "diff_tuning", "learning_rate",
+                "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "warmup_steps")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a FeRA adapter on a diffusers pipeline (accelerate-ready)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("pipeline", help="diffusers pipeline directory (save_pretrained layout)")
+    p.add_argument("data", help="folder of images with same-named .txt captions")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    p.add_argument("--batch-size", type=int, default=4, help="global images per optimizer step (default 4)")
+    p.add_argument("--resolution", type=int, default=512, help="square training size in pixels (default 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--learning-rate", type=float, default=1e-4, help="AdamW learning rate (reference: 1e-4)")
+    p.add_argument("--adam-beta1", type=float, default=0.9)
+    p.add_argument("--adam-beta2", type=float, default=0.999)
+    p.add_argument("--adam-weight-decay", type=float, default=1e-2)
+    p.add_argument("--adam-epsilon", type=float, default=1e-8)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
+                   help="default: accelerate's configuration (no)")
+    p.add_argument("--diff-tuning", action="store_true",
+                   help="Diff-Tuning emphasis: noise levels drawn with p(u) ~ u (towards high noise)")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--num-experts", type=int, default=3)
+    p.add_argument("--num-bands", type=int, default=3)
+    p.add_argument("--tau", type=float, default=0.7, help="router temperature")
+    p.add_argument("--indicator", choices=DEFINITIONS, default=REFERENCE)
+    p.add_argument("--targets", default="to_q,to_k,to_v,to_out.0", help="comma-separated target layer names")
+    p.add_argument("--match-full-name", action="store_true", help="match targets on full module paths")
+    p.add_argument("--fecl-weight", type=float, default=0.1)
+    p.add_argument("--base-model", default=None, help="model family recorded in the adapter (default: guessed)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT/checkpoints")
+    p.add_argument("--log-every", type=int, default=10, help="steps between loss read-outs (each one syncs)")
+    p.set_defaults(handler=run)
+
+
+class TrainingError(ValueError):
+    """A setting or input the trainer cannot use; the message says which and why."""
+
+
+# ---------------------------------------------------------------------------------------- data
+class ImageCaptions:
+    """Images with same-named .txt captions, resized (shorter side) and centre-cropped, in [-1, 1]."""
+
+    def __init__(self, folder, resolution: int):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise TrainingError(f"image folder {folder} does not exist")
+        self.images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.images:
+            raise TrainingError(f"{folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
+        missing = [p.name for p in self.images if not p.with_suffix(".txt").is_file()]
+        if missing:
+            raise TrainingError(f"{len(missing)} images in {folder} have no .txt caption, e.g. {missing[:3]}")
+        self.captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in self.images]
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def pixels(self, index: int) -> torch.Tensor:
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(self.images[index]) as im:
+            im = im.convert("RGB")
+            r = self.resolution
+            scale = r / min(im.size)
+            im = im.resize((max(r, round(im.width * scale)), max(r, round(im.height * scale))), Image.BICUBIC)
+            left, top = (im.width - r) // 2, (im.height - r) // 2
+            im = im.crop((left, top, left + r, top + r))
+            return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+def batch_indices(step: int, batch: int, n: int, seed: int) -> list[int]:
+    """The global batch of optimizer step `step`: the next rows of a stream of seeded permutations
+    (one per epoch), so any step's batch is known without replaying the ones before it."""
+    out, start = [], step * batch
+    epoch, pos = divmod(start, n)
+    while len(out) < batch:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, epoch, -1))).tolist()
+        out += perm[pos:pos + batch - len(out)]
+        epoch, pos = epoch + 1, 0
+    return out
+
+
+def derived_seed(*parts: int) -> int:
+    """A 32-bit seed from several integers: torch's CPU generator keeps only a seed's low 32 bits, so
+    packing them (seed << 32 | step) would drop the run's seed."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+
+
+def step_generator(seed: int, step: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derived_seed(seed, step))
+
+
+# ------------------------------------------------------------------------------------ pipeline
+_KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
+
+
+class Pipeline:
+    """A diffusers pipeline's frozen parts as the trainer uses them: latents from the VAE (posterior
+    mean: deterministic, so every process and every resume sees the same x0), conditioning from the
+    pipeline's own encode_prompt, and how its UNet or transformer is called."""
+
+    def __init__(self, path, device, dtype):
+        path = Path(path)
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
+            raise TrainingError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+        index = json.loads(index_file.read_text())
+        self.kind = _KINDS.get(index.get("_class_name"))
+        if self.kind is None:
+            raise TrainingError(f"{path}: {index.get('_class_name')} is not supported; supported pipelines: "
+                                f"{sorted(_KINDS)}")
+        from diffusers import DiffusionPipeline
+        # Absent parts (SD3 without T5) stay absent; an SD safety checker is not needed to train.
+        skip = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
+        if self.kind == "sd":
+            skip.update(safety_checker=None, feature_extractor=None)
+        self.pipe = DiffusionPipeline.from_pretrained(str(path), **skip)
+        for module in self.pipe.components.values():
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False).eval().to(device, dtype)
+        self.model = self.pipe.transformer if self.kind == "sd3" else self.pipe.unet
+        self.scheduler, self.device, self.dtype = self.pipe.scheduler, device, dtype
+        vae = self.pipe.vae.config
+        self.scaling, self.shift = vae.scaling_factor, vae.get("shift_factor") or 0.0
+
+    @property
+    def family(self) -> str:
+        if self.kind == "sd":
+            return _FAMILIES.get(self.model.config.cross_attention_dim, "unknown")
+        return self.kind
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        factor = self.pipe.vae_scale_factor
+        if resolution % factor:
+            raise TrainingError(f"--resolution {resolution} is not a multiple of the VAE's factor {factor}")
+        return self.pipe.vae.config.latent_channels, resolution // factor, resolution // factor
+
+    @torch.no_grad()
+    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        dist = self.pipe.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        return ((dist.mean - self.shift) * self.scaling).float()
+
+    @torch.no_grad()
+    def text(self, captions: list[str], resolution: int) -> dict:
+        kw = dict(device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        if self.kind == "sd":
+            return {"encoder_hidden_states": self.pipe.encode_prompt(captions, **kw)[0]}
+        if self.kind == "sd3":
+            embeds, _, pooled, _ = self.pipe.encode_prompt(captions, None, None, **kw)
+            return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+        embeds, _, pooled, _ = self.pipe.encode_prompt(captions, **kw)
+        # SDXL's size conditioning: original = target = the training size, no crop.
+        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=self.device)
+        return {"encoder_hidden_states": embeds,
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(embeds.dtype).expand(len(captions), 6)}}
+
+    def __call__(self, model: nn.Module, x_t: torch.Tensor, timestep, cond: dict) -> torch.Tensor:
+        x_t = x_t.to(self.dtype)
+        if self.kind == "sd3":
+            return model(hidden_states=x_t, timestep=timestep, return_dict=False, **cond)[0]
+        return model(x_t, timestep, return_dict=False, **cond)[0]
+
+
+class Denoiser(nn.Module):
+    """FeRAModel's UNet or transformer as the one module accelerate wraps (DDP, autocast): forward routes
+    by the latent and calls the model, or calls it with the experts off. Keeps the last routing."""
+
+    def __init__(self, fera: FeRAModel, call):
+        super().__init__()
+        self.fera, self.call = fera, call
+        self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x_t, timestep, cond, experts: bool):
+        if not experts:
+            with self.fera.disabled():
+                return self.call(self.fera.base_model, x_t, timestep, cond)
+        weights = self.fera.prepare_forward(x_t)
+        self.routing = (self.fera.current_e_t.detach(), weights.detach())
+        return self.call(self.fera.base_model, x_t, timestep, cond)
+
+
+# --------------------------------------------------------------------------------- checkpoints
+def checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints, oldest first (temporary files never match)."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in folder.iterdir() if (m := _CHECKPOINT.match(p.name))]
+    return sorted(found)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def settings_of(args) -> dict:
+    out = {k: getattr(args, k) for k in _RESUME_KEYS}
+    out["pipeline"], out["data"] = str(Path(args.pipeline).resolve()), str(Path(args.data).resolve())
+    return out
+
+
+# ------------------------------------------------------------------------------------ training
+def _config(args, family: str) -> FeRAConfig:
+    family = args.base_model or family
+    try:
+        return FeRAConfig(rank=args.rank, alpha=args.alpha, num_bands=args.num_bands, num_experts=args.num_experts,
+                          router_tau=args.tau, target_modules=[t.strip() for t in args.targets.split(",") if t.strip()],
+                          fecl_weight=args.fecl_weight, indicator=args.indicator, match_full_name=args.match_full_name,
+                          base_model=family).validate()
+    except ValueError as err:
+        raise TrainingError(f"adapter settings: {err}") from None
+
+
+def _check(args, world: int) -> int:
+    for name in ("max_steps", "batch_size", "resolution", "gradient_accumulation_steps", "checkpoint_every",
+                 "keep_checkpoints", "log_every"):
+        if getattr(args, name) < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    split = world * args.gradient_accumulation_steps
+    if args.batch_size % split:
+        raise TrainingError(f"--batch-size {args.batch_size} must divide into {world} processes x "
+                            f"{args.gradient_accumulation_steps} accumulation steps")
+    return args.batch_size // split
+
+
+def train(args) -> dict:
+    """Run the training described by the parsed arguments; returns {'adapter', 'trace', 'losses'} paths."""
+    try:
+        import diffusers  # noqa: F401
+        from accelerate import Accelerator
+        from tqdm.auto import tqdm
+    except ImportError as err:
+        raise TrainingError(f"training needs diffusers, transformers and accelerate ({err}): "
+                            "pip install diffusers transformers accelerate tqdm pillow") from None
+
+    acc = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:
+        raise TrainingError(f"launched as {launched} processes, but accelerate runs {acc.num_processes}: each would "
+                            "train alone. On CPUs set ACCELERATE_USE_CPU=1 (accelerate launch --multi_gpu "
+                            "--num_processes N); `accelerate launch --cpu --num_processes N` starts only one process")
+    micro = _check(args, acc.num_processes)
+    out = Path(args.output)
+    ckpt_dir = out / "checkpoints"
+    data = ImageCaptions(args.data, args.resolution)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+    pipeline = Pipeline(args.pipeline, acc.device, weight_dtype)
+    shape = pipeline.latent_shape(args.resolution)
+    config = _config(args, pipeline.family)
+    torch.manual_seed(args.seed)  # the same fresh adapter on every process
+    fera = FeRAModel(pipeline.model, config)
+    if not fera.fera_layers:
+        raise TrainingError(f"no layer of the {type(pipeline.model).__name__} matches --targets {args.targets}")
+    fera.adapter.to(acc.device)
+    denoiser = Denoiser(fera, pipeline)
+    params = list(fera.adapter.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    warmup = args.warmup_steps
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    start, losses, trace_rows = 0, [], []
+    if args.resume:
+        found = checkpoints(ckpt_dir)
+        if not found:
+            raise TrainingError(f"--resume: no checkpoint in {ckpt_dir}")
+        state = load_checkpoint(found[-1][1])
+        differ = {k: (v, state["settings"].get(k)) for k, v in settings_of(args).items() if state["settings"].get(k) != v}
+        if differ:
+            raise TrainingError(f"--resume: {found[-1][1].name} was made with other settings (now, then): {differ}")
+        fera.adapter.load_state_dict(state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        start, losses, trace_rows = state["step"], state["losses"], json.loads(state["trace"])
+        acc.print(f"resuming from {found[-1][1]} at step {start}")
+    model, optimizer = acc.prepare(denoiser, optimizer)
+    objective = SchedulerObjective(pipeline.scheduler, model)
+    new_trace = lambda: RoutingTrace(max_calls=args.checkpoint_every * args.gradient_accumulation_steps)  # noqa: E731
+    trace = new_trace()
+    rank, world = acc.process_index, acc.num_processes
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (step, loss, mse, fecl) on device
+    bar = tqdm(total=args.max_steps, initial=start, disable=not acc.is_local_main_process, desc="FeRA training")
+
+    def flush():
+        if pending:
+            values = torch.stack([torch.stack(p[1:]) for p in pending]).cpu().tolist()
+            losses.extend({"step": p[0], "loss": v[0], "mse": v[1], "fecl": v[2]} for p, v in zip(pending, values))
+            pending.clear()
+            bar.set_postfix(loss=f"{losses[-1]['loss']:.4f}")
+
+    for step in range(start, args.max_steps):
+        rows = batch_indices(step, args.batch_size, len(data), args.seed)
+        u_all, noise_all = noise_draws((args.batch_size, *shape), step_generator(args.seed, step, acc.device),
+                                       acc.device, args.diff_tuning)
+        torch.manual_seed(derived_seed(args.seed, step, rank, -2))  # expert dropout, if any
+        parts_of_step = []
+        for k in range(args.gradient_accumulation_steps):
+            lo = (k * world + rank) * micro
+            mine = slice(lo, lo + micro)
+            with acc.accumulate(model):
+                x0 = pipeline.latents(torch.stack([data.pixels(i) for i in rows[mine]]))
+                cond = pipeline.text([data.captions[i] for i in rows[mine]], args.resolution)
+                result = training_step(objective, x0, cond, config, diff_tuning=args.diff_tuning,
+                                       draws=(u_all[mine], noise_all[mine]))
+                acc.backward(result.loss)
+                if acc.sync_gradients and args.max_grad_norm > 0:
+                    acc.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            parts_of_step.append(torch.stack([result.loss.detach(), result.mse, result.fecl]))
+            energies, weights = acc.unwrap_model(model).routing
+            a, b, _ = objective.coefficients(u_all[mine])
+            e_all, w_all, s_all = acc.gather((energies, weights, objective.sigma(a, b)))
+            trace.record(e_all, w_all, s_all, step=step + 1)
+        lr_schedule.step()
+        mean = acc.reduce(torch.stack(parts_of_step).mean(0), reduction="mean")
+        pending.append((step + 1, *mean))
+        bar.update(1)
+        done = step + 1
+        if done % args.log_every == 0 or done == args.max_steps:
+            flush()
+        if done % args.checkpoint_every == 0 or done == args.max_steps:
+            flush()
+            trace_rows += _shifted(trace, trace_rows)
+            trace = new_trace()
+            if acc.is_main_process:
+                _save_checkpoint(ckpt_dir, done, fera, optimizer, lr_schedule, losses, trace_rows, settings_of(args),
+                                 args.keep_checkpoints)
+            acc.wait_for_everyone()
+    bar.close()
+    paths = {"adapter": out / "adapter.safetensors", "trace": out / "adapter.trace.json", "losses": out / "losses.json"}
+    if acc.is_main_process:
+        meta = {"adapter": paths["adapter"].name, "run": "training", "settings": settings_of(args),
+                "processes": acc.num_processes}
+        fera.save_adapters(paths["adapter"])
+        _write_text(paths["trace"], RoutingTrace.from_rows(trace_rows, meta).to_json())
+        _write_text(paths["losses"], json.dumps(losses))
+    acc.wait_for_everyone()
+    acc.end_training()
+    return paths
+
+
+def _shifted(trace: RoutingTrace, earlier: list[dict]) -> list[dict]:
+    """The trace's rows, numbered after the rows recorded before it."""
+    offset = earlier[-1]["call"] + 1 if earlier else 0
+    return [dict(r, call=r["call"] + offset) for r in trace.rows()]
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _save_checkpoint(folder: Path, step: int, fera: FeRAModel, optimizer, lr_schedule, losses, trace_rows,
+                     settings: dict, keep: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "adapter": {k: v.detach().cpu() for k, v in fera.adapter.state_dict().items()},
+             "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(), "losses": losses,
+             "trace": json.dumps(trace_rows), "settings": settings, "config": fera.config.to_dict()}
+    atomic_write(folder / f"step-{step:08d}.pt", lambda tmp: torch.save(state, tmp))
+    for _, old in checkpoints(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def run(args) -> int:
+    try:
+        paths = train(args)
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
