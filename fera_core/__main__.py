@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import demo, train_diffusers
+from . import bake_cli, demo, train_diffusers
 from .adapter_file import FORMAT_VERSION, FeRAAdapter, load_adapter, save_adapter
 
 
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         p.add_argument("--alpha", type=float, help="LoRA alpha of a reference .pt (default 1.0)")
         p.add_argument("--tau", type=float, help="router temperature of a reference .pt (default 0.7)")
         p.add_argument("--base-model", help="model family of a reference .pt (sd15, sdxl, ...)")
-    for module in (demo, train_diffusers):  # subcommands in their own modules set args.handler
+    for module in (demo, train_diffusers, bake_cli):  # subcommands in their own modules set args.handler
         module.add_parser(sub)
     args = parser.parse_args(argv)
     if hasattr(args, "handler"):

@@ -2,7 +2,8 @@
 
 An independent check of the layer mapping, including the fused q/k/v slices of SD3 and
 Flux: with the router forced onto expert m, Apply FeRA must equal ComfyUI's own LoRA loader
-given expert m's weights as a plain LoRA (ComfyUI slices fused layers itself).
+given expert m's weights as a plain LoRA keyed by diffusers module names (ComfyUI maps them,
+and slices fused layers, itself).
 """
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from comfy_host import TINY_CONTEXT, TINY_FAMILIES, build_model, pack_module, random_adapter, setup_comfy, tiny_model
 
 setup_comfy()
+import comfy.lora  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
@@ -29,12 +31,14 @@ def adapter_for(model, seed=1):
 
 
 def expert_as_lora(model, adapter, m, strength):
-    """Expert m of every layer as a plain LoRA in keys ComfyUI's loader maps itself."""
-    names = keys.diffusers_to_comfy(model)
+    """Expert m of every layer as a plain LoRA keyed by the diffusers module name, in a format ComfyUI's
+    loader maps itself (diffusers' transformer.* for SD3/Flux, kohya's lora_unet_* for UNets): the
+    LoRA side never goes through nodes/keys.py, so a wrong or swapped target there shows up."""
+    known = comfy.lora.model_lora_keys_unet(model, {})
     lora = {}
     for path, experts in adapter.layers.items():
-        comfy_path, rows = names[path]
-        key = f"transformer.{path}" if rows else comfy_path
+        key = next((k for k in (f"transformer.{path}", "lora_unet_" + path.replace(".", "_")) if k in known), None)
+        assert key is not None, f"ComfyUI's LoRA loader has no key for {path}"
         down, up = experts.split()[m]
         lora[f"{key}.lora_down.weight"] = down.detach().clone()
         lora[f"{key}.lora_up.weight"] = up.detach() * experts.scale * strength

@@ -333,12 +333,6 @@ def test_object_info_nodes_have_category_and_tooltips(object_info):
         tooltips = info.get("output_tooltips") or []
         assert len(tooltips) == len(info["output"]), (node_id, tooltips)
         assert all(isinstance(t, str) and t.strip() for t in tooltips), (node_id, tooltips)
-    # Adapter files in models/fera (registered by the pack) are offered by both loaders.
-    if SD15_ADAPTER.is_file():
-        for node_id in ("LoadFeRAAdapter", "LoadFeRAModelOnly"):
-            spec = object_info[node_id]["input"]["required"]["adapter_name"]
-            options = spec[0] if isinstance(spec[0], list) else spec[1]["options"]
-            assert SD15_ADAPTER.name in options, (node_id, options)
 
 
 def test_workflow_matches_object_info(object_info):
@@ -383,6 +377,14 @@ def test_every_workflow_is_served_as_a_template(server, workflow):
 
 needs_sd15_adapter = pytest.mark.skipif(not SD15_ADAPTER.is_file(),
                                         reason=f"reference SD1.5 adapter not found at {SD15_ADAPTER}")
+
+
+@needs_sd15_adapter
+def test_adapter_files_in_models_fera_are_offered_by_both_loaders(object_info):
+    for node_id in ("LoadFeRAAdapter", "LoadFeRAModelOnly"):
+        spec = object_info[node_id]["input"]["required"]["adapter_name"]
+        options = spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+        assert SD15_ADAPTER.name in options, (node_id, options)
 
 
 @pytest.mark.slow

@@ -1,0 +1,171 @@
+"""Nodes that bake a FeRA adapter into standard LoRA files for tools without FeRA. Node IDs are public."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from comfy_api.latest import io
+
+import folder_paths
+
+from ..fera_core.adapter_file import atomic_write
+from ..fera_core.bake import bake_lora, router_mix, save_lora
+from ..fera_core.bake_schedule import expert_loras, schedule, to_json, trace_steps
+from ..fera_core.bake_workflow import hook_workflow
+from .adapter_nodes import CATEGORY, FeRAAdapterType, routing_controls
+
+FeRATraceType = io.Custom("FERA_TRACE")
+SOURCES = ("mix", "expert", "router (latent)", "trace window")
+ROWS = ("all", "cond", "uncond")
+
+
+def free_stem(prefix: str, places: list[tuple[str, list[str]]]) -> str:
+    """`prefix_NNNNN` such that no `folder/stem + suffix` of any (folder, suffixes) place exists yet.
+
+    prefix may name subfolders (created), never a path outside the folders.
+    """
+    for folder, _ in places:
+        root = os.path.abspath(folder)
+        target = os.path.abspath(os.path.join(folder, prefix))
+        if not prefix.strip() or os.path.isabs(prefix) or os.path.commonpath([root, target]) != root or target == root:
+            raise ValueError(f"filename_prefix {prefix!r} must be a relative file name inside {folder}")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+    counter = 1
+    while any(os.path.exists(os.path.join(folder, f"{prefix}_{counter:05}{s}")) for folder, sfx in places for s in sfx):
+        counter += 1
+    return f"{os.path.normpath(prefix)}_{counter:05}"
+
+
+def _rows(rows: str) -> str | None:
+    return None if rows == "all" else rows
+
+
+def _prefix_input():
+    return io.String.Input("filename_prefix", default="fera_baked",
+                           tooltip="Name of the file(s) in models/loras; a counter is appended, nothing is overwritten.")
+
+
+def _strength_input():
+    return io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                          tooltip="Apply FeRA's strength, folded into the LoRA (load it at strength 1 to match).")
+
+
+def _rows_input():
+    return io.Combo.Input("rows", options=list(ROWS), default="all", optional=True,
+                          tooltip="Which traced rows are averaged: all, or only the cond or uncond rows.")
+
+
+class BakeFeRAToLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BakeFeRAToLoRA",
+            display_name="Bake FeRA to LoRA",
+            category=CATEGORY,
+            description="Writes the adapter at one fixed expert mix as a standard LoRA file into models/loras, "
+                        "loadable by any LoRA loader (ComfyUI, diffusers, kohya-style tools). Lost: routing per "
+                        "row and per step from the actual latent.",
+            is_output_node=True,
+            inputs=[
+                FeRAAdapterType.Input("fera_adapter", tooltip="The FeRA adapter to bake."),
+                io.Combo.Input("mix_source", options=list(SOURCES), default="mix",
+                               tooltip="mix: the weights below; expert: one expert alone; router (latent): the "
+                                       "router's own mix for the latent input (mean over its rows); trace window: "
+                                       "the mean mix of a routing trace between start and end percent."),
+                _prefix_input(),
+                _strength_input(),
+                io.String.Input("mix", default="1, 1, 1", optional=True,
+                                tooltip="Expert weights for mix_source 'mix', e.g. '0.2, 0.5, 0.3' (normalised)."),
+                io.Int.Input("expert", default=0, min=0, max=63, optional=True,
+                             tooltip="The expert for mix_source 'expert'."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="Latent whose band energies the router reads, for 'router (latent)'."),
+                FeRATraceType.Input("trace", optional=True, tooltip="Routing trace, for 'trace window'."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, optional=True,
+                               tooltip="Start of the trace window (fraction of the schedule)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, optional=True,
+                               tooltip="End of the trace window (fraction of the schedule)."),
+                _rows_input(),
+                io.Float.Input("temperature", default=0.0, min=0.0, max=100.0, step=0.01, optional=True,
+                               tooltip="Router temperature for 'router (latent)'; 0 = the adapter's own."),
+            ],
+            outputs=[io.String.Output(display_name="lora_name", tooltip="The written file, as LoRA loaders list it.")],
+        )
+
+    @classmethod
+    def execute(cls, fera_adapter, mix_source: str, filename_prefix: str, strength: float, mix: str = "1, 1, 1",
+                expert: int = 0, latent=None, trace=None, start_percent: float = 0.0, end_percent: float = 1.0,
+                rows: str = "all", temperature: float = 0.0) -> io.NodeOutput:
+        m_count = fera_adapter.config.num_experts
+        if mix_source == "mix":
+            weights = router_mix(fera_adapter, controls=routing_controls(0.0, -1, mix, "", m_count))
+            source = {"kind": "mix"}
+        elif mix_source == "expert":
+            weights = router_mix(fera_adapter, controls=routing_controls(0.0, expert, "", "", m_count))
+            source = {"kind": "expert", "expert": expert}
+        elif mix_source == "router (latent)":
+            if latent is None:
+                raise ValueError("mix_source 'router (latent)' needs the latent input connected")
+            weights = router_mix(fera_adapter, latent=latent["samples"],
+                                 controls=routing_controls(temperature, -1, "", "", m_count))
+            source = {"kind": "router", "latent_shape": list(latent["samples"].shape)}
+        elif mix_source == "trace window":
+            if trace is None:
+                raise ValueError("mix_source 'trace window' needs the trace input connected")
+            weights = trace.mean_weights(start_percent, end_percent, _rows(rows))
+            source = {"kind": "trace", "window": [start_percent, end_percent], "rows": rows}
+        else:
+            raise ValueError(f"unknown mix_source {mix_source!r}; expected one of {SOURCES}")
+        tensors, meta = bake_lora(fera_adapter, weights, strength, source)
+        folder = folder_paths.get_folder_paths("loras")[0]
+        name = free_stem(filename_prefix, [(folder, [".safetensors"])]) + ".safetensors"
+        save_lora(tensors, meta, os.path.join(folder, name))
+        text = f"{name}: mix {', '.join(f'{w:.4f}' for w in weights)}"
+        return io.NodeOutput(name, ui={"text": [text]})
+
+
+class BakeFeRAToLoRASchedule(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="BakeFeRAToLoRASchedule",
+            display_name="Bake FeRA to LoRA Schedule",
+            category=CATEGORY,
+            description="Writes one LoRA per expert into models/loras and the traced run's per-step expert strengths "
+                        "(mean over the step's rows) as a JSON schedule and as a workflow of ComfyUI's built-in hook "
+                        "keyframe nodes (in the output folder). Use the traced run's sampler, scheduler and steps.",
+            is_output_node=True,
+            inputs=[
+                FeRAAdapterType.Input("fera_adapter", tooltip="The FeRA adapter the trace was recorded with."),
+                FeRATraceType.Input("trace", tooltip="Routing trace of a sampling run (FeRA Routing Trace)."),
+                _prefix_input(),
+                _strength_input(),
+                _rows_input(),
+            ],
+            outputs=[io.String.Output(display_name="lora_names", tooltip="The expert LoRA files, one per line."),
+                     io.String.Output(display_name="schedule", tooltip="The schedule as JSON.")],
+        )
+
+    @classmethod
+    def execute(cls, fera_adapter, trace, filename_prefix: str, strength: float, rows: str = "all") -> io.NodeOutput:
+        m_count = fera_adapter.config.num_experts
+        steps = trace_steps(trace, _rows(rows))
+        if len(steps[0]["strengths"]) != m_count:
+            raise ValueError(f"the trace has {len(steps[0]['strengths'])} experts, the adapter {m_count}")
+        loras, output = folder_paths.get_folder_paths("loras")[0], folder_paths.get_output_directory()
+        suffixes = [f"_expert{m}.safetensors" for m in range(m_count)]
+        stem = free_stem(filename_prefix, [(loras, suffixes), (output, ["_schedule.json", "_workflow.json"])])
+        names = [stem + s for s in suffixes]
+        data = schedule(fera_adapter, steps, names, strength, rows)
+        for (tensors, meta), name in zip(expert_loras(fera_adapter, {"kind": "schedule"}), names):
+            save_lora(tensors, meta, os.path.join(loras, name))
+        texts = {"_schedule.json": to_json(data)}
+        if data["keyframes"]:
+            texts["_workflow.json"] = json.dumps(hook_workflow(data), indent=1)
+        for suffix, text in texts.items():
+            atomic_write(os.path.join(output, stem + suffix), lambda tmp, text=text: Path(tmp).write_text(text))
+        return io.NodeOutput("\n".join(names), to_json(data), ui={"text": names})
+
+
+NODES = [BakeFeRAToLoRA, BakeFeRAToLoRASchedule]

@@ -1,0 +1,99 @@
+"""Mutation testing of the routing, experts, indicator, key-map and node code (mutmut 3).
+
+Not part of CI (minutes to an hour). Run it when changing those modules or their tests:
+
+    pip install -r requirements-mutation.txt   # into the env that runs the tests
+    flock /tmp/fera-heavy.lock python tests/mutation.py core
+    COMFYUI_PATH=/opt/comfy/c064 flock /tmp/fera-heavy.lock /opt/venv064/bin/python tests/mutation.py nodes
+
+Each run works in a fresh copy of the tracked files (default /tmp/fera-mutation-<target>), so the
+worktree never gets a mutants/ folder and core and nodes runs do not share state. The config is
+written to that copy's setup.cfg (mutmut reads pyproject.toml's [tool.mutmut] first; the copy's
+pyproject has none). It prints every surviving mutant and the score = killed / all mutants;
+`mutmut show NAME` in the copy prints a mutant's diff.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# target: (source folders copied into mutants/, files mutated, test files run, needs ComfyUI)
+TARGETS = {
+    "core": (["fera_core"], ["fera_core/router.py", "fera_core/experts.py", "fera_core/indicator.py"],
+             ["tests/test_router.py", "tests/test_experts.py", "tests/test_indicator.py",
+              "tests/test_fera_model.py", "tests/test_fecl.py", "tests/test_reference_parity.py",
+              "tests/test_core_contracts.py"], False),
+    "nodes": (["nodes", "fera_core"], ["nodes/routing.py", "nodes/keys.py", "nodes/adapter_nodes.py"],
+              # test_comfy_apply.py re-checks the same glue over many samplers: too slow per mutant
+              ["tests/test_comfy_controls.py", "tests/test_comfy_families.py", "tests/test_comfy_keys.py",
+               "tests/test_comfy_nodes.py"], True),
+}
+
+
+def _setup_cfg(sources, mutate, tests, extra) -> str:
+    def lines(values):
+        return "".join(f"\n    {v}" for v in values)
+    return (
+        "[mutmut]\n"
+        f"source_paths ={lines(sources)}\n"
+        f"only_mutate ={lines(mutate)}\n"
+        f"pytest_add_cli_args_test_selection ={lines(tests)}\n"
+        # the fast tests only: slow ones write GB-sized checkpoints or start servers
+        f"pytest_add_cli_args =\n    -m\n    not slow\n    -p\n    no:cacheprovider{lines(extra)}\n"
+        "also_copy =\n    __init__.py\n    web\n    workflows\n"
+        # torch is not fork-safe once it has started its thread pools
+        "process_isolation = forkserver\n"
+        "use_git_change_detection = false\n"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("target", choices=sorted(TARGETS))
+    parser.add_argument("--workdir", type=Path, help="default: /tmp/fera-mutation-<target>")
+    parser.add_argument("--max-children", type=int, default=2)
+    parser.add_argument("--mutants", default="", help="comma-separated mutant names or globs to run (default: all)")
+    args, pytest_args = parser.parse_known_args()  # the rest goes to pytest, e.g. -- --deselect ID
+    pytest_args = [a for a in pytest_args if a != "--"]
+    sources, mutate, tests, needs_comfy = TARGETS[args.target]
+    if needs_comfy and not os.environ.get("COMFYUI_PATH"):
+        parser.error(f"target {args.target!r} mutates host glue: set COMFYUI_PATH to a ComfyUI checkout")
+    work = args.workdir or Path(f"/tmp/fera-mutation-{args.target}")
+    if work.exists():
+        shutil.rmtree(work)
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                             check=True, capture_output=True, text=True).stdout.split("\n")
+    for name in filter(None, tracked):
+        if (ROOT / name).is_file():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, work / name)
+    (work / "setup.cfg").write_text(_setup_cfg(sources, mutate, [t for t in tests if (ROOT / t).is_file()],
+                                               pytest_args))
+
+    mutmut = [sys.executable, "-m", "mutmut"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    names = [n for n in args.mutants.split(",") if n]
+    subprocess.run(mutmut + ["run", "--max-children", str(args.max_children), *names], cwd=work, env=env, check=True)
+    report = subprocess.run(mutmut + ["results", "--all", "true"], cwd=work, env=env, check=True,
+                            capture_output=True, text=True).stdout
+    status = dict(re.findall(r"^\s+(\S+): (.+)$", report, re.M))
+    counts = Counter(status.values())
+    print(f"\n{args.target}: {len(status)} mutants, {dict(counts)}")
+    for name, s in sorted(status.items()):
+        if s != "killed":
+            print(f"  {s:12} {name}")
+    if status:
+        print(f"score {counts['killed'] / len(status):.1%} (killed / all; diffs: cd {work} && mutmut show NAME)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
