@@ -92,26 +92,31 @@ class RoutingTrace:
                 return []
             self.finish()
             energies, weights, sigma = (t.cpu().tolist() for t in self._packed)
-            steps = self._steps([sigma[s] for s in _starts(self.calls)])
-            out, start = [], 0
+            starts = _starts(self.calls)
+            steps = self._steps([sigma[s] for s in starts])
             percents: dict[float, float | None] = {}
-            for index, (call, step) in enumerate(zip(self.calls, steps)):
-                chunks = call.cond_or_uncond or (None,)
-                per_chunk = max(call.rows // len(chunks), 1)
-                for i in range(call.rows):
-                    chunk = min(i // per_chunk, len(chunks) - 1)
-                    s = sigma[start + i]
-                    s = None if s != s else s  # NaN: recorded without sigma
-                    if s is not None and s not in percents:
-                        percents[s] = None if self.percent_of is None else float(self.percent_of(s))
-                    out.append({"call": index, "step": step, "row": i % per_chunk, "cond": _LABELS.get(chunks[chunk]),
-                                "area": None if call.areas is None else call.areas[chunk], "sigma": s,
-                                "percent": None if s is None else percents[s],
-                                "energies": energies[start + i], "weights": weights[start + i]})
-                start += call.rows
-            self._rows = out
+
+            def percent(s):
+                if s not in percents:
+                    percents[s] = None if self.percent_of is None else float(self.percent_of(s))
+                return percents[s]
+
+            self._rows = [row for index, (call, at, step) in enumerate(zip(self.calls, starts, steps))
+                          for row in _call_rows(index, call, step, energies[at:at + call.rows],
+                                                weights[at:at + call.rows], sigma[at:at + call.rows], percent)]
             self._packed = None
         return self._rows
+
+    def peek(self, start: int) -> list[dict]:
+        """Rows of calls[start:] while recording (no percent): a small host copy per call, for live display."""
+        out = []
+        for index, call in enumerate(self.calls[start:], start):
+            n = call.rows
+            sigma = [float("nan")] * n if call.sigma is None else \
+                call.sigma.float().reshape(-1).expand(n).tolist() if call.sigma.numel() == 1 else call.sigma.tolist()
+            out += _call_rows(index, call, call.step, call.energies.float().tolist(), call.weights.float().tolist(),
+                              sigma, lambda s: None)
+        return out
 
     def _steps(self, first_sigmas: list[float]) -> list[int | None]:
         """Each call's step: as recorded, else the schedule interval its sigma falls in."""
@@ -210,6 +215,19 @@ class RoutingTrace:
             r["weights"] = [float(line[i]) for i in w_cols]
             rows.append(r)
         return cls.from_rows(rows)
+
+
+def _call_rows(index: int, call: _Call, step, energies, weights, sigma, percent) -> list[dict]:
+    chunks = call.cond_or_uncond or (None,)
+    per_chunk = max(call.rows // len(chunks), 1)
+    out = []
+    for i in range(call.rows):
+        chunk = min(i // per_chunk, len(chunks) - 1)
+        s = None if sigma[i] != sigma[i] else sigma[i]  # NaN: recorded without sigma
+        out.append({"call": index, "step": step, "row": i % per_chunk, "cond": _LABELS.get(chunks[chunk]),
+                    "area": None if call.areas is None else call.areas[chunk], "sigma": s,
+                    "percent": None if s is None else percent(s), "energies": energies[i], "weights": weights[i]})
+    return out
 
 
 def _starts(calls: list[_Call]) -> list[int]:
