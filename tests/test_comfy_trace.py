@@ -13,7 +13,7 @@ import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import folder_paths  # noqa: E402
 
-from test_comfy_apply import conds, make_adapter, tiny_patcher  # noqa: E402
+from test_comfy_apply import adapter, conds, make_adapter, patcher  # noqa: E402,F401  (fixtures)
 
 routing = pack_module("nodes.routing")
 tracing = pack_module("nodes.tracing")
@@ -36,16 +36,6 @@ def run(model, seed=7, steps=4, denoise=1.0, latent=None, cfg=5.0):
                               denoise=denoise, seed=seed, disable_pbar=True)
     comfy.model_management.unload_all_models()
     return out
-
-
-@pytest.fixture(scope="module")
-def patcher():
-    return tiny_patcher()
-
-
-@pytest.fixture(scope="module")
-def adapter(patcher):
-    return make_adapter(patcher.model)
 
 
 class Inputs:
