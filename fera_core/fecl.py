@@ -20,8 +20,14 @@ def _norms(comps: list[torch.Tensor]) -> torch.Tensor:
 
 
 def fecl_loss(base: torch.Tensor, fera: torch.Tensor, target: torch.Tensor, num_bands: int = 3,
-              definition: str = REFERENCE, weight: float = 0.1) -> torch.Tensor:
-    """Scalar FECL in float32; `definition` must be the adapter's indicator definition."""
+              definition: str = REFERENCE, weight: float = 0.1, reduction: str = "mean") -> torch.Tensor:
+    """FECL in float32; `definition` must be the adapter's indicator definition.
+
+    reduction "mean" gives the reference's scalar; "none" the (B,) per-row values, for trainers
+    that weigh rows differently (Diff-Tuning's retention rows).
+    """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if not base.shape == fera.shape == target.shape:
         raise ValueError(f"FECL needs equal shapes, got base {tuple(base.shape)}, fera {tuple(fera.shape)}, "
                          f"target {tuple(target.shape)}")
@@ -34,4 +40,4 @@ def fecl_loss(base: torch.Tensor, fera: torch.Tensor, target: torch.Tensor, num_
     d_total = torch.linalg.vector_norm(delta.flatten(1), dim=1, keepdim=True) + _EPS
     r_total = torch.linalg.vector_norm(resid.flatten(1), dim=1, keepdim=True) + _EPS
     per_row = (w * (d_norms / d_total - r_norms / r_total) ** 2).sum(dim=1)
-    return per_row.mean() * weight
+    return (per_row.mean() if reduction == "mean" else per_row) * weight

@@ -1,0 +1,150 @@
+"""The FeRA training step, written once for every trainer (ComfyUI node, diffusers CLI).
+
+A host says how its model is noised and called through an `Objective`: ComfyUI answers from
+the model's `model_sampling`, diffusers from the pipeline's scheduler. This module draws the
+noise levels (uniform, or Diff-Tuning's emphasis), builds x_t = a * x0 + b * noise and the
+regression target in the model's own prediction space, runs the model with its experts and,
+without grad and with the experts off, the frozen model, and returns MSE + FECL. FECL compares
+the two predictions in that same space, so the loss follows the model: epsilon (SD1.5, SDXL),
+v (SD2-v), flow matching (SD3, Flux).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from .config import FeRAConfig
+from .fecl import fecl_loss
+
+EPSILON, V_PREDICTION, FLOW, SAMPLE = "epsilon", "v_prediction", "flow", "sample"
+PREDICTIONS = (EPSILON, V_PREDICTION, FLOW, SAMPLE)
+UNIFORM, HIGH_NOISE, LOW_NOISE = "uniform", "high_noise", "low_noise"
+WEIGHTINGS = (UNIFORM, HIGH_NOISE, LOW_NOISE)
+
+
+def _check(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+    return value
+
+
+def sample_noise_levels(n: int, weighting: str = UNIFORM, generator: torch.Generator | None = None,
+                        device=None) -> torch.Tensor:
+    """(n,) noise levels u in [0, 1), 1 = pure noise (hosts map u to a timestep or sigma).
+
+    Diff-Tuning (fera-reference.md section 6) samples target images with p(u) ~ u
+    (HIGH_NOISE, u = sqrt(U)) and retention images with p(u) ~ 1 - u (LOW_NOISE).
+    """
+    _check("noise-level weighting", weighting, WEIGHTINGS)
+    device = generator.device if generator is not None else device
+    u = torch.rand(n, generator=generator, device=device)
+    if weighting == HIGH_NOISE:
+        return u.sqrt()
+    if weighting == LOW_NOISE:
+        return 1 - u.sqrt()
+    return u
+
+
+def _rows(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-row coefficients (B,) broadcast against a (B, ...) latent, in float32."""
+    return c.to(like.device, torch.float32).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def regression_target(prediction: str, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor,
+                      b: torch.Tensor) -> torch.Tensor:
+    """What the model should output for x_t = a * x0 + b * noise (a, b per row), in float32.
+
+    epsilon: noise; v_prediction: a * noise - b * x0 (diffusers' and ComfyUI's v with
+    a^2 + b^2 = 1); flow (rectified flow, x_t = (1 - s) x0 + s noise): noise - x0; sample: x0.
+    """
+    _check("prediction type", prediction, PREDICTIONS)
+    x0, noise = x0.float(), noise.float()
+    if prediction == EPSILON:
+        return noise
+    if prediction == V_PREDICTION:
+        return _rows(a, x0) * noise - _rows(b, x0) * x0
+    if prediction == FLOW:
+        return noise - x0
+    return x0
+
+
+def prediction_from_x0(prediction: str, x_t: torch.Tensor, x0_hat: torch.Tensor, a: torch.Tensor,
+                       b: torch.Tensor) -> torch.Tensor:
+    """The model output that corresponds to a denoised estimate x0_hat of x_t = a x0 + b noise.
+
+    For hosts whose model call returns x0 (ComfyUI's apply_model): the implied noise is
+    (x_t - a x0_hat) / b, put into regression_target. Needs b > 0 (any level above clean).
+    """
+    x_t, x0_hat = x_t.float(), x0_hat.float()
+    noise_hat = (x_t - _rows(a, x_t) * x0_hat) / _rows(b, x_t)
+    return regression_target(prediction, x0_hat, noise_hat, a, b)
+
+
+class Objective(Protocol):
+    """How a host noises and calls its model. `prediction` is one of PREDICTIONS."""
+
+    prediction: str
+
+    def coefficients(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Noise levels u (B,) -> (a, b, model_time): x_t = a x0 + b noise, and what the model
+        takes as its time input (timesteps, sigmas)."""
+
+    def predict(self, x_t: torch.Tensor, model_time: Any, cond: Any, experts: bool) -> torch.Tensor:
+        """The model's output in its prediction space for x_t (routed per row when experts is True)."""
+
+
+@dataclass
+class StepLoss:
+    """The step's loss (with grad) and its parts (detached, still on the device: read them when needed)."""
+
+    loss: torch.Tensor
+    mse: torch.Tensor
+    fecl: torch.Tensor
+
+
+def fera_loss(pred: torch.Tensor, base: torch.Tensor, target: torch.Tensor, config: FeRAConfig,
+              row_weights: torch.Tensor | None = None) -> StepLoss:
+    """MSE + FECL per row, summed with `row_weights` (default 1/B each: the reference's loss)."""
+    pred, target = pred.float(), target.float()
+    mse = (pred - target).pow(2).flatten(1).mean(1)
+    fecl = fecl_loss(base, pred, target, config.num_bands, config.indicator, config.fecl_weight, reduction="none")
+    w = torch.full_like(mse, 1.0 / mse.shape[0]) if row_weights is None else row_weights.to(mse)
+    return StepLoss(((mse + fecl) * w).sum(), (mse * w).sum().detach(), (fecl * w).sum().detach())
+
+
+def training_step(objective: Objective, x0: torch.Tensor, cond: Any, config: FeRAConfig,
+                  generator: torch.Generator | None = None, diff_tuning: bool = False,
+                  retention: torch.Tensor | None = None, retention_weight: float = 0.1) -> StepLoss:
+    """One FeRA training step's loss for the clean latents x0 (B, ...) and their conditioning.
+
+    diff_tuning: noise levels weighted towards high noise for target rows. retention: a (B,)
+    bool mask of rows that are images generated by the frozen model (Diff-Tuning's memory
+    bank); they are noised towards low noise and their loss weighs `retention_weight` in
+    total (target rows' mean + retention_weight * retention rows' mean).
+    """
+    b = x0.shape[0]
+    retention = torch.zeros(b, dtype=torch.bool) if retention is None else retention.to("cpu", torch.bool)
+    if retention.shape != (b,):
+        raise ValueError(f"retention mask must have shape ({b},), got {tuple(retention.shape)}")
+    if retention.all():
+        raise ValueError("every row is a retention row: a step needs at least one target image")
+    if not diff_tuning and retention.any():
+        raise ValueError("retention rows are part of Diff-Tuning: pass diff_tuning=True")
+    u = sample_noise_levels(b, HIGH_NOISE if diff_tuning else UNIFORM, generator, x0.device)
+    if retention.any():
+        low = sample_noise_levels(b, LOW_NOISE, generator, x0.device)
+        u = torch.where(retention.to(u.device), low, u)
+    noise = torch.randn(x0.shape, generator=generator, device=u.device).to(x0.device)
+    a, b_, model_time = objective.coefficients(u)
+    x_t = (_rows(a, x0) * x0.float() + _rows(b_, x0) * noise).to(x0.dtype)
+    with torch.no_grad():
+        base = objective.predict(x_t, model_time, cond, experts=False)
+    pred = objective.predict(x_t, model_time, cond, experts=True)
+    target = regression_target(objective.prediction, x0, noise, a, b_)
+    weights = None
+    if retention.any():
+        n_ret = int(retention.sum())
+        weights = torch.where(retention, retention_weight / n_ret, 1.0 / (b - n_ret))
+    return fera_loss(pred, base, target, config, weights)
