@@ -151,7 +151,8 @@ app.registerExtension({
       canvas.title = "Router weight per expert (cond solid, uncond dashed) and stacked band energies per step.";
       const chart = { node: this, canvas, run: null, hover: null, drawn: "" };
       this.feraChart = chart;
-      this.addDOMWidget("fera_chart", "canvas", canvas, { serialize: false, getMinHeight: () => 180 });
+      const widget = this.addDOMWidget("fera_chart", "canvas", canvas, { serialize: false, getMinHeight: () => 180 });
+      widget.serialize = false; // options.serialize keeps it out of the prompt, this out of widgets_values
       canvas.addEventListener("mousemove", (e) => {
         const box = canvas.getBoundingClientRect();
         chart.hover = (e.clientX - box.left) * (canvas.clientWidth / Math.max(box.width, 1));
