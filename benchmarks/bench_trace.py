@@ -1,9 +1,9 @@
 """Sampling-time cost of routing traces in a real ComfyUI host (CPU, 2 threads).
 
-    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_trace.py [--rounds N]
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_trace.py [--rounds N] [--steps S]
 
 Not a test: prints a compact table. The full-size SD1.5 UNet and adapter of bench_sampling.py
-(random weights, batch 1 with CFG, 64x64 latent, euler, 3 steps) with FeRA applied twice: tracing
+(random weights, batch 1 with CFG, 64x64 latent, euler, 3 steps by default) with FeRA applied twice: tracing
 off (A: what every workflow without a trace node runs) and tracing on (B: a TracedRun per sample,
 records per call, step counting through the sampler callback, packing and the output fingerprint
 at the end; no live events, there is no websocket client). A and B alternate in one process after a
@@ -47,8 +47,9 @@ def instrument(seconds: list[float]):
 
 def main(argv):
     rounds = int(argv[argv.index("--rounds") + 1]) if "--rounds" in argv else 4
+    steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else 3
     sp, adapter = sd15_patcher(), sd15_adapter()
-    case = Case("sd15", sp, adapter, torch.zeros(1, 4, 64, 64), 768, steps=3)
+    case = Case("sd15", sp, adapter, torch.zeros(1, 4, 64, 64), 768, steps=steps)
     case.plain = routing.apply_fera(sp, adapter, 1.0, tracing=False)  # A: tracing off
     case.fera = routing.apply_fera(sp, adapter, 1.0, tracing=True)  # B: tracing on
     inside = [0.0]
@@ -58,11 +59,12 @@ def main(argv):
     (fera,) = routing.routings_of(case.fera)
     run = fera.log.runs[-1]
     rows = run.trace.rows()
-    assert len(rows) == 3 * 2 and {r["step"] for r in rows} == {0, 1, 2}, rows
+    assert len(rows) == steps * 2 and {r["step"] for r in rows} == set(range(steps)), rows
     inside[0] = 0.0
+    print(f"[warm-up done: {len(rows)} traced rows; {rounds} rounds follow]", flush=True)
     timings = case.run(rounds)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; full-size SD1.5, 1x4x64x64 latent with "
-          f"CFG, euler 3 steps, {len(adapter.layers)} adapted layers; {rounds} rounds of A (tracing off) and B "
+          f"CFG, euler {steps} steps, {len(adapter.layers)} adapted layers; {rounds} rounds of A (tracing off) and B "
           "(tracing on), interleaved")
     print(f"{'timed':<11} {'n':>3} {'off med s':>10} {'on med s':>9} {'med/med':>8} {'med(B/A)':>9}  verdict")
     for unit, (a, b) in timings.items():
