@@ -186,7 +186,7 @@ def test_frontend_draws_the_chart_in_the_trace_node(server, object_info, sd15_ch
         # frame the trace node, then queue from the frontend (its websocket gets the live events)
         browser.eval(f"(() => {{ const n = {node_js}; const c = window.app.canvas;"
                      " c.ds.scale = 1.2; c.ds.offset[0] = -n.pos[0] + 40; c.ds.offset[1] = -n.pos[1] + 60;"
-                     " c.setDirty(true, true); }})()")
+                     " c.setDirty(true, true); })()")
         browser.eval("window.app.queuePrompt(0, 1)")
         browser.wait_for(f"{node_js}.feraChart.run && {node_js}.feraChart.run.done"
                          f" && {node_js}.feraChart.run.steps.size === {STEPS}", timeout=1500)
