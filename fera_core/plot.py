@@ -82,6 +82,8 @@ def routing_figure(trace: RoutingTrace, title: str = "", x: str = "step", size=(
     if x == "sigma":
         bottom.set_xscale("log")
         bottom.invert_xaxis()
+    else:
+        bottom.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers
     fig.suptitle(title or title_of(trace.meta), fontsize="medium")
     return fig
 

@@ -101,7 +101,8 @@ class ApplyFeRA(io.ComfyNode):
     def execute(cls, model, fera_adapter, strength: float, temperature: float = 0.0, force_expert: int = -1,
                 mix: str = "", gains: str = "", start_percent: float = 0.0, end_percent: float = 1.0) -> io.NodeOutput:
         controls = routing_controls(temperature, force_expert, mix, gains, fera_adapter.config.num_experts)
-        return io.NodeOutput(apply_fera(model, fera_adapter, strength, controls, start_percent, end_percent))
+        return io.NodeOutput(apply_fera(model, fera_adapter, strength, controls, start_percent, end_percent,
+                                        name=getattr(fera_adapter, "file_name", None)))
 
 
 class LoadFeRAModelOnly(io.ComfyNode):
@@ -118,7 +119,7 @@ class LoadFeRAModelOnly(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapter_name: str, strength: float) -> io.NodeOutput:
-        return io.NodeOutput(apply_fera(model, load_named_adapter(adapter_name), strength))
+        return io.NodeOutput(apply_fera(model, load_named_adapter(adapter_name), strength, name=adapter_name))
 
 
 NODES = [LoadFeRAAdapter, ApplyFeRA, LoadFeRAModelOnly]

@@ -14,8 +14,7 @@ from ..fera_core.bake import bake_lora, router_mix, save_lora
 from ..fera_core.bake_schedule import expert_loras, schedule, to_json, trace_steps
 from ..fera_core.bake_workflow import hook_workflow
 from .adapter_nodes import CATEGORY, FeRAAdapterType, routing_controls
-
-FeRATraceType = io.Custom("FERA_TRACE")
+from .inspect_nodes import FeRATraceType
 SOURCES = ("mix", "expert", "router (latent)", "trace window")
 ROWS = ("all", "cond", "uncond")
 

@@ -29,6 +29,7 @@ def load_named_adapter(name: str, reference_alpha: float = 1.0, reference_tau: f
         searched = folder_paths.get_folder_paths(FOLDER) + folder_paths.get_folder_paths("loras")
         raise FileNotFoundError(f"FeRA adapter '{name}' not found in models/{FOLDER} or models/loras "
                                 f"(searched: {', '.join(searched)}).")
-    if path.endswith(".safetensors"):
-        return load_adapter(path)
-    return load_adapter(path, alpha=reference_alpha, tau=reference_tau)
+    adapter = load_adapter(path) if path.endswith(".safetensors") else \
+        load_adapter(path, alpha=reference_alpha, tau=reference_tau)
+    adapter.file_name = name  # named in routing traces and plots
+    return adapter

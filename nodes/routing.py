@@ -7,6 +7,8 @@ per-row expert gains on a small state object for the duration of the call. Each 
 layer gets a forward hook, installed with add_object_patch so that ComfyUI applies and
 reverts it with the model's other patches and its weight casting and offloading keep
 working. Everything lives on the patcher clone: two FeRA models never share routing.
+An OUTER_SAMPLE wrapper gives each sampling run its own state (the schedule window, the
+trace when tracing is on; see tracing.py), so samplers and queue runs never share one.
 """
 from __future__ import annotations
 
@@ -16,15 +18,18 @@ from collections import OrderedDict
 
 import torch
 
+import comfy.model_patcher
 import comfy.patcher_extension as ext
 
 from ..fera_core.adapter_file import FeRAAdapter
 from ..fera_core.experts import add_experts, expert_gains
 from ..fera_core.indicator import band_energies
 from ..fera_core.model import check_fits
+from ..fera_core.plot import title_of
 from ..fera_core.router import RoutingControls
 from ..fera_core.trace import RoutingTrace
 from .keys import diffusers_to_comfy, model_family
+from .tracing import RUNS_KEY, RunLog, TracedRun, requested
 
 WRAPPER_KEY = "fera"
 
@@ -60,18 +65,76 @@ def match_layers(model, adapter: FeRAAdapter) -> dict[str, list[tuple[str, tuple
     return targets
 
 
+class _Run:
+    """Per sampling run: the sigma window of start/end percent, and the run's trace if traced."""
+
+    def __init__(self, window: tuple[float, float] | None, traced: TracedRun | None = None):
+        self.window, self.traced = window, traced
+
+
 class FeRARouting:
-    """State of one applied adapter: its settings, and the expert gains of the model call in progress."""
+    """State of one applied adapter: its settings, its finished traced runs, and the expert gains of
+    the model call in progress.
+
+    trace: a RoutingTrace every run also records into (scripts); tracing: None = trace the runs of
+    prompts that contain a trace node, True = every run, False = never.
+    """
 
     def __init__(self, adapter: FeRAAdapter, strength: float, controls: RoutingControls,
-                 start_percent: float = 0.0, end_percent: float = 1.0, trace: RoutingTrace | None = None):
+                 start_percent: float = 0.0, end_percent: float = 1.0, trace: RoutingTrace | None = None,
+                 tracing: bool | None = None, name: str | None = None):
         self.adapter, self.strength, self.controls = adapter, strength, controls.check(adapter.config.num_experts)
         if not 0.0 <= start_percent <= end_percent <= 1.0:
             raise ValueError(f"need 0 <= start_percent <= end_percent <= 1, got {start_percent}, {end_percent}")
         self.start_percent, self.end_percent, self.trace = start_percent, end_percent, trace
+        self.tracing, self.name = tracing, name
+        self.key = f"fera-{uuid.uuid4().hex}"
+        self.log = RunLog()
         self.gains: dict | None = None  # dtype -> (rows, M * r) gains, during a model call only
         self._routers: dict = {}
         self._experts: dict = {}
+
+    def meta(self) -> dict:
+        """What a trace says about the adapter and its settings."""
+        cfg, c = self.adapter.config, self.controls
+        settings = {"strength": self.strength, "tau": c.tau or cfg.router_tau}
+        settings.update({k: [float(v) for v in getattr(c, k)] for k in ("mix", "gains") if getattr(c, k) is not None})
+        if (self.start_percent, self.end_percent) != (0.0, 1.0):
+            settings["percent"] = [self.start_percent, self.end_percent]
+        meta = {"adapter": self.name or f"FeRA adapter ({cfg.base_model or 'unknown base'})", "settings": settings,
+                "num_experts": cfg.num_experts, "num_bands": cfg.num_bands, "indicator": cfg.indicator}
+        return dict(meta, title=title_of(meta))
+
+    def _window(self, sampling) -> tuple[float, float] | None:
+        if (self.start_percent, self.end_percent) == (0.0, 1.0):
+            return None
+        return float(sampling.percent_to_sigma(self.start_percent)), float(sampling.percent_to_sigma(self.end_percent))
+
+    def outer_sample(self, executor, *args, **kwargs):
+        """OUTER_SAMPLE wrapper: fresh per-run state in a copy of the run's model options (as EasyCache)."""
+        guider = executor.class_obj
+        sampling = guider.model_patcher.model.model_sampling
+        request = requested(self.tracing)
+        traced = None if request is None else TracedRun(self.meta(), request, args[3], sampling)
+        if traced is not None:  # count steps through the sampler's progress callback
+            if len(args) > 5:
+                args = args[:5] + (traced.callback(args[5]),) + args[6:]
+            else:
+                kwargs["callback"] = traced.callback(kwargs.get("callback"))
+        original = guider.model_options
+        guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+        options = guider.model_options.setdefault("transformer_options", {})
+        options[RUNS_KEY] = {**options.get(RUNS_KEY, {}), self.key: _Run(self._window(sampling), traced)}
+        output = None
+        try:
+            output = executor(*args, **kwargs)
+            return output
+        finally:
+            guider.model_options = original
+            if traced is not None:
+                traced.end(output)
+                if output is not None:
+                    self.log.add(traced)
 
     def release(self, *_args) -> None:
         """Drop device copies of the router and weights (after sampling)."""
@@ -101,16 +164,18 @@ class FeRARouting:
     def __call__(self, executor, x, t, *args, **kwargs):
         """APPLY_MODEL wrapper: route this call's rows, run the model, forget the routing."""
         cfg = self.adapter.config
+        options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
+        run = options.get(RUNS_KEY, {}).get(self.key) or _Run(self._window(executor.class_obj.model_sampling))
         router, controls = self._router_on(x.device)
         energies = band_energies(x, cfg.num_bands, cfg.indicator)
         weights = router(energies, controls)
-        if (self.start_percent, self.end_percent) != (0.0, 1.0):
-            sampling = executor.class_obj.model_sampling
-            hi, lo = sampling.percent_to_sigma(self.start_percent), sampling.percent_to_sigma(self.end_percent)
+        if run.window is not None:
+            hi, lo = run.window
             sigma = t.reshape(-1).to(weights.device, torch.float32)
             weights = weights * ((sigma <= hi) & (sigma >= lo)).to(weights.dtype)[:, None]
+        if run.traced is not None:
+            run.traced.record(energies, weights, t, options)
         if self.trace is not None:
-            options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
             self.trace.record(energies, weights, t, options.get("cond_or_uncond"))
         gains = expert_gains(weights, cfg.rank, cfg.scale, self.strength)
         self.gains = {gains.dtype: gains}
@@ -137,19 +202,26 @@ class FeRARouting:
 
 
 def apply_fera(patcher, adapter: FeRAAdapter, strength: float = 1.0, controls: RoutingControls | None = None,
-               start_percent: float = 0.0, end_percent: float = 1.0, trace: RoutingTrace | None = None):
+               start_percent: float = 0.0, end_percent: float = 1.0, trace: RoutingTrace | None = None,
+               tracing: bool | None = None, name: str | None = None):
     """A clone of `patcher` whose every model call routes the adapter's experts; `patcher` is untouched."""
-    routing = FeRARouting(adapter, strength, controls or RoutingControls(), start_percent, end_percent, trace)
+    routing = FeRARouting(adapter, strength, controls or RoutingControls(), start_percent, end_percent, trace,
+                          tracing, name)
     targets = match_layers(patcher.model, adapter)
     clone = patcher.clone()
     if strength == 0:
         return clone
     clone.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY, routing)
+    clone.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, routing.outer_sample)
     clone.add_callback_with_key(ext.CallbacksMP.ON_CLEANUP, WRAPPER_KEY, routing.release)
-    hook_id = f"fera-{uuid.uuid4().hex}"
     for comfy_path, entries in targets.items():
-        name = f"{comfy_path}._forward_hooks"
-        hooks = OrderedDict(clone.get_model_object(name))
-        hooks[hook_id] = routing.hook(entries)
-        clone.add_object_patch(name, hooks)
+        path = f"{comfy_path}._forward_hooks"
+        hooks = OrderedDict(clone.get_model_object(path))
+        hooks[routing.key] = routing.hook(entries)
+        clone.add_object_patch(path, hooks)
     return clone
+
+
+def routings_of(patcher) -> list[FeRARouting]:
+    """The FeRA adapters applied to a MODEL, in the order they were applied."""
+    return [w for w in patcher.get_wrappers(ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY) if isinstance(w, FeRARouting)]
