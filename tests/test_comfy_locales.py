@@ -6,7 +6,8 @@
 - ComfyUI's own CustomNodeManager merges the files into what /i18n serves.
 - The server serves the translated help pages where the frontend fetches them.
 - slow, needs /usr/bin/chromium: the real frontend, with Comfy.Locale set to each language,
-  shows workflows/apply_fera.json with translated node titles, widget labels and socket names.
+  shows workflows/apply_fera.json (and the pack's other workflows) with translated node titles,
+  widget labels and socket names.
 """
 import asyncio
 import json
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from comfy_host import PACK_ROOT, pack_module, setup_comfy
-from test_comfy_server import (_DIALOGS_JS, CHROMIUM, HTTP_TIMEOUT, PACK_DIR_NAME, WORKFLOW, _open_frontend,
+from test_comfy_server import (_DIALOGS_JS, CHROMIUM, HTTP_TIMEOUT, PACK_DIR_NAME, WORKFLOW, WORKFLOWS,
+                               _open_frontend,
                                server)  # noqa: F401  (server: the module-scoped real-server fixture)
 from test_locales import DOCS, LANGS, leaves, load
 
@@ -105,54 +107,61 @@ _GRAPH_JS = ("JSON.stringify(window.app.graph.nodes.map(n => ({type: n.type, tit
              "outputs: (n.outputs || []).map(s => [s.name, s.label ?? s.localized_name ?? null, s.type])})))")
 
 
-def _frontend_view(srv, lang: str, wf: dict, shot: Path) -> list[dict]:
-    """Titles, widget labels and socket labels of the workflow's nodes as the frontend shows them in `lang`."""
+def _frontend_view(srv, lang: str, workflows: list[Path]) -> dict[str, list[dict]]:
+    """Per workflow, the titles, widget labels and socket labels of its nodes as the frontend shows them in `lang`."""
     assert srv.post("/settings/Comfy.Locale", lang)[0] == 200
     title = json.dumps(load(lang, "nodeDefs")["ApplyFeRA"]["display_name"])
     browser = _open_frontend(srv)
+    views = {}
     try:
         try:  # the node definitions are registered once the pack's locale has been merged
             browser.wait_for(f"window.LiteGraph.registered_node_types['ApplyFeRA'].title === {title}", timeout=60)
         except TimeoutError:
             seen = browser.eval("window.LiteGraph.registered_node_types['ApplyFeRA'].title")
             pytest.fail(f"{lang}: the frontend registered ApplyFeRA as {seen!r}, not {title}")
-        browser.eval(f"window.app.loadGraphData({json.dumps(wf)})")
-        browser.wait_for(f"window.app.graph.nodes.length === {len(wf['nodes'])}", timeout=60)
-        time.sleep(1.0)
-        assert not browser.eval(_DIALOGS_JS), browser.eval(_DIALOGS_JS)
-        browser.screenshot(shot)
-        return json.loads(browser.eval(_GRAPH_JS))
+        for path in workflows:
+            wf = json.loads(path.read_text())
+            browser.eval(f"window.app.loadGraphData({json.dumps(wf)})")
+            browser.wait_for(f"window.app.graph.nodes.length === {len(wf['nodes'])}", timeout=60)
+            time.sleep(1.0)
+            assert not browser.eval(_DIALOGS_JS), (path.name, browser.eval(_DIALOGS_JS))
+            shot = Path(tempfile.gettempdir()) / f"fera-frontend-{lang}-{path.stem}-{srv.port}.png"
+            browser.screenshot(shot)
+            views[f"{path.name} (screenshot {shot})"] = json.loads(browser.eval(_GRAPH_JS))
+        return views
     finally:
         browser.close()
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"headless browser not found at {CHROMIUM}")
-def test_frontend_shows_the_apply_workflow_translated(server, node_infos):  # noqa: F811
-    wf = json.loads(WORKFLOW.read_text())
+def test_frontend_shows_the_workflows_translated(server, node_infos):  # noqa: F811
+    """workflows/apply_fera.json first, then the pack's other workflows (their nodes too)."""
+    workflows = [WORKFLOW] + [p for p in WORKFLOWS if p != WORKFLOW]
     try:
         for lang in LANGS:
-            shot = Path(tempfile.gettempdir()) / f"fera-frontend-{lang}-{server.port}.png"
-            nodes = _frontend_view(server, lang, wf, shot)
             defs = load(lang, "nodeDefs")
-            print(f"\n{lang} (screenshot {shot}):")
-            for node in (n for n in nodes if n["type"] in defs):
-                tr = defs[node["type"]]
-                sockets = [s[:2] for s in node["inputs"] if not s[2]]
-                print(f"  {node['type']}: title {node['title']!r}, widgets {node['widgets']}, "
-                      f"sockets {sockets}, outputs {[s[:2] for s in node['outputs']]}")
-                assert node["title"] == tr["display_name"], (lang, node["type"], node["title"])
-                spec = node_infos[node["type"]]["input"]
-                inputs = {*spec.get("required", {}), *spec.get("optional", {})}
-                for name, label in node["widgets"]:
-                    if name in inputs:  # not the frontend's own widgets (a seed's control_after_generate)
-                        assert label == tr["inputs"][name]["name"], (lang, node["type"], name, label)
-                for name, label, is_widget in node["inputs"]:
-                    if not is_widget:
-                        assert label == tr["inputs"][name]["name"], (lang, node["type"], name, label)
-                for index, (name, label, typ) in enumerate(node["outputs"]):
-                    # The frontend names an output after its type (its own dataTypes entry) when the two agree.
-                    if name != typ:
-                        assert label == tr["outputs"][str(index)]["name"], (lang, node["type"], index, label)
+            for name, nodes in _frontend_view(server, lang, workflows).items():
+                print(f"\n{lang}, {name}:")
+                for node in (n for n in nodes if n["type"] in defs):
+                    _check_node(lang, node, defs[node["type"]], node_infos[node["type"]])
     finally:
         server.post("/settings/Comfy.Locale", "en")
+
+
+def _check_node(lang: str, node: dict, tr: dict, info: dict):
+    sockets = [s[:2] for s in node["inputs"] if not s[2]]
+    print(f"  {node['type']}: title {node['title']!r}, widgets {node['widgets']}, "
+          f"sockets {sockets}, outputs {[s[:2] for s in node['outputs']]}")
+    assert node["title"] == tr["display_name"], (lang, node["type"], node["title"])
+    inputs = {*info["input"].get("required", {}), *info["input"].get("optional", {})}
+    for name, label in node["widgets"]:
+        if name in inputs:  # not the frontend's own widgets (a seed's control_after_generate, a chart)
+            assert label == tr["inputs"][name]["name"], (lang, node["type"], name, label)
+    for name, label, is_widget in node["inputs"]:
+        if not is_widget:
+            assert label == tr["inputs"][name]["name"], (lang, node["type"], name, label)
+    for index, (name, label, typ) in enumerate(node["outputs"]):
+        # The frontend names an output after its type (its own dataTypes entry) when the two agree.
+        if name != typ:
+            assert label == tr["outputs"][str(index)]["name"], (lang, node["type"], index, label)
