@@ -3,8 +3,8 @@
 Not part of CI (minutes to an hour). Run it when changing those modules or their tests:
 
     pip install -r requirements-mutation.txt   # into the env that runs the tests
-    flock /tmp/fera-heavy.lock python tests/mutation.py core
-    COMFYUI_PATH=/opt/comfy/c064 flock /tmp/fera-heavy.lock /opt/venv064/bin/python tests/mutation.py nodes
+    python tests/mutation.py core
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-python tests/mutation.py nodes   # does not run yet: tests/MUTATION.md
 
 Each run works in a fresh copy of the tracked files (default /tmp/fera-mutation-<target>), so the
 worktree never gets a mutants/ folder and core and nodes runs do not share state. The config is
