@@ -27,6 +27,7 @@ from ..fera_core.trace import RoutingTrace
 from .keys import diffusers_to_comfy
 
 WRAPPER_KEY = "fera"
+EXPERTS_OFF = "fera_experts_off"  # transformer_options flag: this call runs the frozen model (training's FECL base)
 
 
 class AdapterMismatchError(ValueError):
@@ -61,7 +62,14 @@ def match_layers(model, adapter: FeRAAdapter) -> dict[str, list[tuple[str, tuple
 
 
 class FeRARouting:
-    """State of one applied adapter: its settings, and the expert gains of the model call in progress."""
+    """State of one applied adapter: its settings, and the expert gains of the model call in progress.
+
+    live (training): the router and experts are the adapter's own parameters, used with grad,
+    and the gains outlive the call, so that gradient checkpointing's recomputation in backward
+    sees the same experts as the forward did.
+    """
+
+    live = False
 
     def __init__(self, adapter: FeRAAdapter, strength: float, controls: RoutingControls,
                  start_percent: float = 0.0, end_percent: float = 1.0, trace: RoutingTrace | None = None):
@@ -80,6 +88,8 @@ class FeRARouting:
 
     def _router_on(self, device):
         """Router (float32) and controls on a device, made once per sampling run."""
+        if self.live:
+            return self.adapter.router, self.controls.on(device)
         if device not in self._routers:
             router = copy.deepcopy(self.adapter.router).to(device=device, dtype=torch.float32)
             self._routers[device] = (router, self.controls.on(device))
@@ -90,6 +100,10 @@ class FeRARouting:
 
         Stored column-major, so the .t() taken by add_experts hands BLAS contiguous operands.
         """
+        if self.live:
+            if "live" not in self._experts:
+                self._experts["live"] = self.adapter.layers
+            return _LiveExperts(self._experts["live"], device, dtype)
         key = (device, dtype)
         if key not in self._experts:
             self._experts[key] = {
@@ -100,6 +114,10 @@ class FeRARouting:
 
     def __call__(self, executor, x, t, *args, **kwargs):
         """APPLY_MODEL wrapper: route this call's rows, run the model, forget the routing."""
+        options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
+        if options.get(EXPERTS_OFF):
+            self.gains = None
+            return executor(x, t, *args, **kwargs)
         cfg = self.adapter.config
         router, controls = self._router_on(x.device)
         energies = band_energies(x, cfg.num_bands, cfg.indicator)
@@ -110,14 +128,14 @@ class FeRARouting:
             sigma = t.reshape(-1).to(weights.device, torch.float32)
             weights = weights * ((sigma <= hi) & (sigma >= lo)).to(weights.dtype)[:, None]
         if self.trace is not None:
-            options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
             self.trace.record(energies, weights, t, options.get("cond_or_uncond"))
         gains = expert_gains(weights, cfg.rank, cfg.scale, self.strength)
         self.gains = {gains.dtype: gains}
         try:
             return executor(x, t, *args, **kwargs)
         finally:
-            self.gains = None
+            if not self.live:
+                self.gains = None
 
     def hook(self, entries: list[tuple[str, tuple[int, int] | None]]):
         """Forward hook for one ComfyUI layer carrying the experts of `entries`."""
@@ -134,6 +152,17 @@ class FeRARouting:
                 out = add_experts(out, x, down, up, gains, layer, out_slice)
             return out
         return fera_forward_hook
+
+
+class _LiveExperts:
+    """The trainable expert weights, cast per use (differentiably) to the layer's device and dtype."""
+
+    def __init__(self, layers, device, dtype):
+        self.layers, self.device, self.dtype = layers, device, dtype
+
+    def __getitem__(self, path):
+        e = self.layers[path]
+        return e.down.to(self.device, self.dtype), e.up.to(self.device, self.dtype)
 
 
 def apply_fera(patcher, adapter: FeRAAdapter, strength: float = 1.0, controls: RoutingControls | None = None,
