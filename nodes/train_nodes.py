@@ -166,7 +166,7 @@ class TrainFeRA(io.ComfyNode):
             adapter = continued_adapter(model.model, fera_adapter, fecl_weight)
         retention = None if retention_latents is None else retention_latents["samples"]
         adapter, losses = train(model, adapter, latents["samples"], positive, settings, retention, retention_positive,
-                                _progress(cls.hidden.unique_id, steps))
+                                _progress(getattr(cls.hidden, "unique_id", None), steps))
         adapter = adapter.to("cpu")
         previous = getattr(fera_adapter, "training", None)
         adapter.training = dict(
