@@ -18,7 +18,7 @@ core = pack_module("fera_core")  # the pack's own copy: its exception classes ar
 from test_comfy_apply import make_adapter, tiny_patcher  # noqa: E402
 
 TINY_PT = PACK_ROOT / "tests" / "fixtures" / "tiny_reference_adapter.pt"
-NODE_IDS = {"LoadFeRAAdapter", "ApplyFeRA", "LoadFeRAModelOnly"}
+NODE_IDS = {"LoadFeRAAdapter", "ApplyFeRA", "LoadFeRAModelOnly", "TrainFeRA", "SaveFeRAAdapter"}
 
 
 @pytest.fixture(scope="module")

@@ -379,3 +379,55 @@ def test_continue_training_and_diff_tuning_with_retention_images(models_dir):
     assert any(not torch.equal(kept[k], v) for k, v in _params(second).items())
     assert second.training["continued_from"]["steps"] == 3 and second.training["retention_images"] == 2
     assert second.training["diff_tuning"] and all(torch.isfinite(torch.tensor(loss["loss"])))
+
+
+def diffusers_unet(patcher):
+    """The tiny ComfyUI SD1.5 UNet's weights in a diffusers UNet2DConditionModel of the same architecture,
+    renamed with ComfyUI's own diffusers map."""
+    diffusers = pytest.importorskip("diffusers")
+    import comfy.utils
+    cfg = patcher.model.model_config.unet_config
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=cfg["num_heads"], norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0)
+    comfy_sd = patcher.model.diffusion_model.state_dict()
+    sd = {d: comfy_sd[c].clone() for d, c in comfy.utils.unet_to_diffusers(cfg).items() if c in comfy_sd}
+    missing, unexpected = unet.load_state_dict(sd, strict=False)
+    assert not missing and not unexpected, (missing[:5], unexpected[:5])
+    return unet.eval()
+
+
+def test_sd15_file_trained_here_gives_fera_core_outputs_on_the_diffusers_layout(models_dir):
+    from fera_core.model import FeRAModel
+    patcher = tiny("sd15")
+    lat, pos = data("sd15")
+    model, adapter, _, _ = node_train(patcher, lat, pos, steps=20, learning_rate=3e-2).args
+    with torch.inference_mode():
+        train_nodes.SaveFeRAAdapter.execute(adapter, "sd15")
+    path = models_dir / "fera" / "sd15_00001_.safetensors"
+    unet = diffusers_unet(patcher)
+    gen = torch.Generator().manual_seed(2)
+    x0 = lat
+    noise = torch.randn(x0.shape, generator=gen)
+    u = torch.tensor([0.3, 0.9])
+
+    def comfy_eps(obj, _):
+        a, b, t = obj.coefficients(u)
+        x_t = a.reshape(-1, 1, 1, 1) * x0 + b.reshape(-1, 1, 1, 1) * noise
+        with torch.no_grad():
+            return x_t, obj.sampling.timestep(t[0]), obj.predict(x_t, t, [0, 0], experts=True)
+    with torch.inference_mode():
+        x_t, timestep, want = probe(model, lat, pos, comfy_eps)
+        _, _, base = probe(patcher, lat, pos, comfy_eps)
+    context = pos[0][0].expand(2, -1, -1)
+    fera = FeRAModel.from_file(unet, path)
+    with torch.no_grad():
+        fera.prepare_forward(x_t)
+        got = unet(x_t, timestep, encoder_hidden_states=context).sample
+    effect = (want - base).abs().max()
+    # float32 through two implementations of the same network (different attention kernels): 4e-7 seen,
+    # against an adapter effect of 0.07
+    assert effect > 1e-2, effect
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
