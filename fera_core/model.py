@@ -23,6 +23,9 @@ from .fecl import fecl_loss
 from .indicator import band_energies
 
 ADAPTABLE = (nn.Linear, nn.Conv2d)
+# What a .safetensors records that changes the numbers: loading it into a model configured
+# otherwise is refused. (Layers are compared one by one; dropout and fecl_weight only train.)
+RECORDED_FIELDS = ("rank", "alpha", "num_experts", "num_bands", "router_tau", "router_hidden", "indicator")
 
 
 def find_targets(module: nn.Module, target_modules, match_full_name: bool = False) -> dict[str, nn.Module]:
@@ -170,8 +173,24 @@ class FeRAModel(nn.Module):
 
     @torch.no_grad()
     def load_adapters(self, path, **reference_options) -> None:
-        """Load weights into the existing experts and router (optimizer references stay valid)."""
+        """Load weights into the existing experts and router (optimizer references stay valid).
+
+        As in the reference, the model's config stays the source of what a file does not record:
+        a reference .pt keeps this model's alpha and tau unless reference_options give others
+        (which then become the model's). A .safetensors records its config; one whose recorded
+        values differ from this model's is refused, naming each field, rather than silently
+        changing the model or ignoring the file.
+        """
+        reference = Path(path).suffix != ".safetensors"
+        if reference:
+            reference_options = {"alpha": self.config.alpha, "tau": self.config.router_tau, **reference_options}
         loaded = load_adapter(path, **reference_options)
+        if not reference:
+            differ = [f"{name} {getattr(loaded.config, name)!r} (model: {getattr(self.config, name)!r})"
+                      for name in RECORDED_FIELDS if getattr(loaded.config, name) != getattr(self.config, name)]
+            if differ:
+                raise ValueError(f"{path}: the file's config differs from this model's: {', '.join(differ)}; "
+                                 "build the model with the file's values (or FeRAModel.from_file)")
         mine, theirs = set(self.adapter.layers), set(loaded.layers)
         if mine != theirs:
             raise ValueError(f"{path}: adapter layers do not match this model's: {len(theirs - mine)} unexpected "
@@ -190,7 +209,8 @@ class FeRAModel(nn.Module):
         self.router.load_state_dict(loaded.router.state_dict())
         self.router.tau = loaded.router.tau
         self.config.alpha, self.config.router_tau = loaded.config.alpha, loaded.config.router_tau
-        self.config.indicator = loaded.config.indicator
+        if "base_model" in reference_options:
+            self.config.base_model = loaded.config.base_model
 
     def remove(self) -> nn.Module:
         """Detach every hook; returns the untouched base model."""

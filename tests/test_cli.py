@@ -45,17 +45,75 @@ def test_convert_of_bad_file_fails_without_output(tmp_path, capsys):
     assert not dst.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
 
 
-def test_info_prints_config_layers_and_parameters(ref_adapter_path, capsys):
+def test_info_prints_a_summary_by_default(ref_adapter_path, capsys):
     assert main(["info", str(ref_adapter_path), "--alpha", "2"]) == 0
+    out = capsys.readouterr().out
+    ref = torch.load(ref_adapter_path, weights_only=True)
+    params = sum(v.numel() for v in ref.values())
+    assert out.splitlines() == [
+        str(ref_adapter_path),
+        "  format          reference .pt (tensors only, read without unpickling)",
+        "  base model      unknown",
+        "  adapted layers  24",
+        "  experts         3 per layer, rank 4",
+        "  alpha / scale   2.0 / 0.5 (given with --alpha)",
+        f"  parameters      {params:,}",
+        "  indicator       reference, 3 bands",
+        "  router          tau 0.7 (not in a .pt: reference default, change with --tau), hidden 64",
+        "  target modules  to_k, to_q, to_v (child-name substrings, as the reference)",
+        "(per-layer listing: --layers; machine-readable: --json)",
+    ]
+
+
+def test_info_summary_of_safetensors_states_its_recorded_values(tmp_path, ref_adapter_path, capsys):
+    dst = tmp_path / "a.safetensors"
+    assert main(["convert", str(ref_adapter_path), str(dst), "--alpha", "8", "--tau", "0.5", "--base-model", "sd15"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(dst)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "  format          FeRA .safetensors, format version 1"
+    assert lines[2] == "  base model      sd15"
+    assert lines[5] == "  alpha / scale   8.0 / 2.0"  # recorded: no note
+    assert lines[8] == "  router          tau 0.5, hidden 64"
+
+
+def test_info_layers_lists_every_layer(ref_adapter_path, capsys):
+    assert main(["info", str(ref_adapter_path), "--layers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("  layers (24 linear, 0 conv): in -> out")
+    listing = lines[start + 1:]
+    assert len(listing) == 24 and start == 10
+    # attn2.to_k reads the 32-wide text embedding; the mid block's to_q works at 64 channels
+    assert "    down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k  32 -> 32" in listing
+    assert "    mid_block.attentions.0.transformer_blocks.0.attn1.to_q  64 -> 64" in listing
+
+
+def test_info_json_is_machine_readable_and_layers_on_request(ref_adapter_path, capsys):
+    assert main(["info", str(ref_adapter_path), "--json", "--alpha", "2"]) == 0
     info = json.loads(capsys.readouterr().out)
     ref = torch.load(ref_adapter_path, weights_only=True)
-    assert info["file"] == str(ref_adapter_path)
-    assert info["adapted_layers"] == 24 and len(info["layers"]) == 24
+    assert info["file"] == str(ref_adapter_path) and info["format"] == "reference-pt"
+    assert info["adapted_layers"] == 24 and "layers" not in info
     assert info["parameters"] == sum(v.numel() for v in ref.values())
-    assert info["config"]["alpha"] == 2.0 and info["config"]["num_experts"] == 3
-    # attn2.to_k reads the 32-wide text embedding; the up block 0 to_q works at 64 channels
-    assert info["layers"]["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"] == [32, 32]
-    assert info["layers"]["mid_block.attentions.0.transformer_blocks.0.attn1.to_q"] == [64, 64]
+    assert info["config"]["alpha"] == 2.0 and info["scale"] == 0.5 and info["config"]["num_experts"] == 3
+
+    assert main(["info", str(ref_adapter_path), "--json", "--layers"]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    assert len(layers) == 24
+    assert layers["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"] == {"in": 32, "out": 32}
+    assert layers["mid_block.attentions.0.transformer_blocks.0.attn1.to_q"] == {"in": 64, "out": 64}
+
+
+def test_convert_refuses_to_overwrite_without_force(tmp_path, ref_adapter_path, capsys):
+    dst = tmp_path / "a.safetensors"
+    dst.write_bytes(b"precious")
+    assert main(["convert", str(ref_adapter_path), str(dst)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {dst}: already exists; pass --force to overwrite it"
+    assert dst.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+    assert main(["convert", str(ref_adapter_path), str(dst), "--force"]) == 0
+    assert load_adapter(dst).num_parameters() == sum(v.numel() for v in torch.load(ref_adapter_path, weights_only=True).values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
 
 
 def test_info_on_safetensors_rejects_reference_options(tmp_path, ref_adapter_path, capsys):

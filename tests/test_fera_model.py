@@ -214,11 +214,10 @@ def test_safetensors_save_load_round_trip_through_the_model(tiny_unet, tmp_path,
     out = run(tiny_unet)
     path = fm.save_adapters(tmp_path / "a.safetensors")
     fm.remove()
-    fm2 = FeRAModel(tiny_unet, FeRAConfig())
+    fm2 = FeRAModel(tiny_unet, FeRAConfig(alpha=3.0))
     fm2.load_adapters(path)
-    assert fm2.config.alpha == 3.0
     fm2.prepare_forward(Z)
-    assert torch.equal(run(tiny_unet), out)
+    assert torch.equal(run(tiny_unet), out)  # same weights, same computation
 
 
 @pytest.mark.parametrize("config,match", [
@@ -301,13 +300,11 @@ def test_save_adapter_of_model_then_load_adapter(tiny_unet, tmp_path):
     a, b = fm.adapter.file_state_dict(), loaded.file_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    # Loading it into a reference-configured model switches the model to the file's indicator.
+    # A model configured like the file loads it and routes with the file's indicator.
     w_partition = fm.prepare_forward(Z)
     fm.remove()
-    fm2 = FeRAModel(tiny_unet, FeRAConfig())
-    assert fm2.config.indicator == "reference"
+    fm2 = FeRAModel(tiny_unet, FeRAConfig(indicator="partition"))
     fm2.load_adapters(path)
-    assert fm2.config.indicator == "partition"
     assert torch.equal(fm2.prepare_forward(Z), w_partition)
     from fera_core import band_energies
 
@@ -319,3 +316,116 @@ def test_grouped_or_non_zero_padded_convs_are_refused(conv):
     experts = RoutedExperts(8, 8, 3, 4, 1.0, (3, 3))
     with pytest.raises(ValueError, match="grouped or non-zero-padded convolutions are not supported"):
         check_fits("proj_in", experts, conv)
+
+
+# ---------------------------------------------------------------- load_adapters keeps the model's config
+
+# Deliberately unlike every default and every shared fixture: 8 ranks, 4 experts, 4 bands, hidden 16.
+ODD = dict(rank=8, alpha=2.0, num_experts=4, num_bands=4, router_tau=0.5, router_hidden=16)
+
+
+def odd_model():
+    """Two reference-matched Linears (child names contain to_q / to_v)."""
+    torch.manual_seed(3)
+    return nn.ModuleDict({"attn": nn.ModuleDict({"to_q": nn.Linear(12, 10), "to_v": nn.Linear(12, 6)})})
+
+
+def odd_reference_file(path, rank=8, experts=4, bands=4, hidden=16):
+    """A .pt as the reference's save_adapters writes it (tensors only), random non-zero weights."""
+    g = torch.Generator().manual_seed(4)
+    sd = {"router.net.0.weight": torch.randn(hidden, bands, generator=g), "router.net.0.bias": torch.randn(hidden, generator=g),
+          "router.net.2.weight": torch.randn(experts, hidden, generator=g), "router.net.2.bias": torch.randn(experts, generator=g)}
+    for name, out in (("to_q", 10), ("to_v", 6)):
+        for m in range(experts):
+            sd[f"base_model.attn.{name}.experts.{m}.lora_down.weight"] = torch.randn(rank, 12, generator=g) * 0.3
+            sd[f"base_model.attn.{name}.experts.{m}.lora_up.weight"] = torch.randn(out, rank, generator=g) * 0.3
+    torch.save(sd, path)
+    return {k: v.double() for k, v in sd.items()}
+
+
+def by_hand(sd, z, x, layer, name, alpha, tau, rank=8, experts=4, bands=4):
+    """The reference's formulas, written out in float64 without fera_core: e_t from the DoG
+    pyramid, routing softmax(net(e_t) / tau), output W x + b + sum_m w_m (alpha / rank) up_m down_m x."""
+    from test_indicator import reference_dog
+
+    energy = torch.stack([c.flatten(1).pow(2).sum(1) for c in reference_dog(z, bands)[:bands]], 1)
+    e = energy / (energy.sum(1, keepdim=True) + 1e-8)
+    hidden = torch.relu(e @ sd["router.net.0.weight"].T + sd["router.net.0.bias"])
+    w = torch.softmax((hidden @ sd["router.net.2.weight"].T + sd["router.net.2.bias"]) / tau, dim=-1)
+    out = x.double() @ layer.weight.double().T + layer.bias.double()
+    for m in range(experts):
+        down = sd[f"base_model.attn.{name}.experts.{m}.lora_down.weight"]
+        up = sd[f"base_model.attn.{name}.experts.{m}.lora_up.weight"]
+        out = out + w[:, m, None, None] * (alpha / rank) * (x.double() @ down.T @ up.T)
+    return w, out
+
+
+def routed_run(fm, model, z, x):
+    with torch.no_grad():
+        w = fm.prepare_forward(z)
+        return w, {name: model["attn"][name](x) for name in ("to_q", "to_v")}
+
+
+def rel_err(got, want):
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+ODD_Z = torch.cat([F.interpolate(torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(5)), size=(32, 32),
+                                 mode="bicubic", align_corners=True),
+                   torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(6))])  # smooth, noise
+ODD_X = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(7))
+
+
+def test_load_adapters_of_reference_pt_keeps_the_models_alpha_and_tau(tmp_path):
+    """The issue's case: FeRAModel(unet, FeRAConfig(non-default)); load_adapters(file.pt) without
+    passing alpha and tau again reproduces the reference formulas to 1e-5."""
+    sd = odd_reference_file(tmp_path / "odd.pt")
+    model = odd_model()
+    fm = FeRAModel(model, FeRAConfig(**ODD))
+    fm.load_adapters(tmp_path / "odd.pt")
+    assert (fm.config.alpha, fm.config.router_tau, fm.router.tau) == (2.0, 0.5, 0.5)
+    assert all(layer.experts.scale == 2.0 / 8 for layer in fm.fera_layers)
+    w, outs = routed_run(fm, model, ODD_Z, ODD_X)
+    for name, out in outs.items():
+        want_w, want = by_hand(sd, ODD_Z, ODD_X, model["attn"][name], name, alpha=2.0, tau=0.5)
+        assert rel_err(w, want_w) < 1e-5 and rel_err(out, want) < 1e-5, name
+        # The reference defaults (alpha 1, tau 0.7) give other numbers, by far more than the tolerance.
+        old_w, old = by_hand(sd, ODD_Z, ODD_X, model["attn"][name], name, alpha=1.0, tau=0.7)
+        assert rel_err(w, old_w) > 1e-2 and rel_err(out, old) > 1e-2, name
+
+
+def test_load_adapters_of_reference_pt_with_explicit_values(tmp_path):
+    """Values passed explicitly win and become the model's; what is not passed stays the model's."""
+    sd = odd_reference_file(tmp_path / "odd.pt")
+    model = odd_model()
+    fm = FeRAModel(model, FeRAConfig(**ODD))
+    fm.load_adapters(tmp_path / "odd.pt", alpha=3.0)
+    assert (fm.config.alpha, fm.config.router_tau, fm.router.tau) == (3.0, 0.5, 0.5)
+    w, outs = routed_run(fm, model, ODD_Z, ODD_X)
+    want_w, want = by_hand(sd, ODD_Z, ODD_X, model["attn"]["to_q"], "to_q", alpha=3.0, tau=0.5)
+    assert rel_err(w, want_w) < 1e-5 and rel_err(outs["to_q"], want) < 1e-5
+
+
+@pytest.mark.parametrize("differ,named", [
+    (dict(alpha=1.0, router_tau=0.7), ["alpha 2.0 (model: 1.0)", "router_tau 0.5 (model: 0.7)"]),
+    (dict(indicator="partition"), ["indicator 'reference' (model: 'partition')"]),
+    (dict(rank=4, num_experts=3, num_bands=3, router_hidden=64),
+     ["rank 8 (model: 4)", "num_experts 4 (model: 3)", "num_bands 4 (model: 3)", "router_hidden 16 (model: 64)"]),
+])
+def test_load_adapters_of_safetensors_with_another_config_names_each_field(tmp_path, differ, named):
+    odd_reference_file(tmp_path / "odd.pt")
+    path = save_adapter(load_adapter(tmp_path / "odd.pt", alpha=2.0, tau=0.5), tmp_path / "odd.safetensors")
+    model = odd_model()
+    fm = FeRAModel(model, FeRAConfig(**{**ODD, **differ}))
+    randomise(fm)
+    snap = snapshot(fm)
+    with pytest.raises(ValueError, match="the file's config differs from this model's") as info:
+        fm.load_adapters(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and all(n in message for n in named), message
+    assert message.count("(model: ") == len(named)  # only the fields that differ
+    assert_unchanged(fm, snap)
+
+    same = FeRAModel(odd_model(), FeRAConfig(**ODD))
+    same.load_adapters(path)  # configured like the file: loads
+    assert (same.config.alpha, same.config.router_tau) == (2.0, 0.5)

@@ -19,3 +19,14 @@ def test_root_package_imports_without_comfyui(tmp_path):
 def test_requirements_leave_torch_to_the_host():
     lines = [l.split("#")[0].strip() for l in (PACK_ROOT / "requirements.txt").read_text().splitlines()]
     assert not [l for l in lines if l.lower().startswith(("torch", "torchvision", "torchaudio"))]
+
+
+def test_pyproject_dependencies_are_requirements_txt():
+    """One list of run-time needs, numpy included (without it `import torch` warns "Failed to initialize NumPy")."""
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    lines = [l.split("#")[0].strip() for l in (PACK_ROOT / "requirements.txt").read_text().splitlines()]
+    declared = tomllib.loads((PACK_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert sorted(l for l in lines if l) == sorted(declared)
+    assert "numpy" in declared
