@@ -11,6 +11,7 @@ import torch
 from comfy_host import pack_module, setup_comfy
 
 setup_comfy()
+import comfy.ldm.flux.model as flux_model  # noqa: E402
 import comfy.model_base  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
@@ -30,13 +31,16 @@ objective_mod = pack_module("nodes.objective")
 _SD2 = dict(TINY_UNET, use_linear_in_transformer=True)
 _SDXL = dict(TINY_UNET, adm_in_channels=2816, num_classes="sequential", use_linear_in_transformer=True,
              transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1])
+_FLUX = dict(TINY_DIT["flux"][1], guidance_embed=True)
+if "txt_ids_dims" in getattr(flux_model.FluxParams, "__dataclass_fields__", {}):
+    _FLUX["txt_ids_dims"] = []  # required since ComfyUI 0.33 (FLUX.1 detects as [])
 # family -> (supported_models class, unet_config, model type or None, latent channels, context dim, pooled dim)
 TINY = {
     "sd15": (sm.SD15, TINY_UNET, None, 4, 32, None),
     "sd2v": (sm.SD20, _SD2, comfy.model_base.ModelType.V_PREDICTION, 4, 32, None),
     "sdxl": (sm.SDXL, _SDXL, None, 4, 32, 1280),
     "sd3": (sm.SD3, TINY_DIT["sd3"][1], None, 16, 32, 32),
-    "flux": (sm.Flux, dict(TINY_DIT["flux"][1], guidance_embed=True), None, 16, 32, 32),
+    "flux": (sm.Flux, _FLUX, None, 16, 32, 32),
 }
 PREDICTION = {"sd15": "epsilon", "sd2v": "v_prediction", "sdxl": "epsilon", "sd3": "flow", "flux": "flow"}
 
