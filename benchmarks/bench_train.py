@@ -4,7 +4,8 @@
 
 Not a test: prints a compact table. Both trainers run on the same SD1.5-architecture model
 built from ComfyUI's own classes (model_channels 64, two levels, random float32 weights), the
-same latents (batch 2, S x S, default 32) and conditioning, the same layers (to_q, to_k, to_v,
+same latents (2 images, S x S, default 32; batch size 1, TrainLoraNode's default: with more, its
+guider applies every image's conditioning to every row) and conditioning, the same layers (to_q, to_k, to_v,
 to_out.0 of every attention) and the same total rank: FeRA 3 experts x rank 4 against LoRA rank
 12. The baseline is TrainLoraNode's method: ComfyUI's LoRA train adapter (comfy.weight_adapter,
 added with add_weight_wrapper) driven by comfy_extras.nodes_train.TrainSampler under
@@ -111,7 +112,9 @@ class Meter:
     def tick(self, *_):
         self.ticks.append(time.perf_counter())
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:
+            return
         self.peak_mb = (_rss_kb("VmHWM:") - self.base) / 1024
         steps = [b - a for a, b in zip(self.ticks, self.ticks[1:])][2:]
         self.step_s = statistics.median(steps)
@@ -123,17 +126,17 @@ def run_lora(patcher, lat, pos, steps, checkpointing):
     mp = patcher.clone()
     params = []
     for path in paths:
-        adapter = adapter_maps["lora"].create_train(mp.model.get_submodule(path).weight, rank=EXPERTS * RANK,
+        adapter = adapter_maps["LoRA"].create_train(mp.model.get_submodule(path).weight, rank=EXPERTS * RANK,
                                                     alpha=1.0)
         mp.add_weight_wrapper(f"{path}.weight", adapter)
         params += list(adapter.parameters())
     mp.model.requires_grad_(False)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     with Meter() as meter, training.checkpointed_blocks(mp.model.diffusion_model, checkpointing):
-        sampler = nodes_train.TrainSampler(torch.nn.MSELoss(), optimizer, loss_callback=meter.tick, batch_size=2,
+        sampler = nodes_train.TrainSampler(torch.nn.MSELoss(), optimizer, loss_callback=meter.tick, batch_size=1,
                                            grad_acc=1, total_steps=steps, seed=0, training_dtype=torch.float32)
         guider = Guider_Basic(mp)
-        guider.set_conds(pos)
+        guider.set_conds(pos * lat.shape[0])  # TrainLoraNode's expansion to one conditioning per image
         guider.sample(torch.zeros_like(lat), lat, sampler, torch.arange(lat.shape[0]), seed=0, disable_pbar=True)
     comfy.model_management.unload_all_models()
     return meter, sum(p.numel() for p in params)
@@ -170,7 +173,7 @@ class FeclClock:
 
 def run_fera(patcher, lat, pos, steps, checkpointing):
     adapter = train_nodes.new_adapter(patcher.model, "attention", RANK, 4.0, EXPERTS, 3, 0.7, "partition", 0.1, 0)
-    settings = training.TrainSettings(steps=steps, learning_rate=1e-4, batch_size=2, seed=0, dtype=None,
+    settings = training.TrainSettings(steps=steps, learning_rate=1e-4, batch_size=1, seed=0, dtype=None,
                                       gradient_checkpointing=checkpointing)
     with Meter() as meter, FeclClock() as clock:
         training.train(patcher, adapter, lat, pos, settings, progress=meter.tick)
@@ -197,7 +200,7 @@ def main():
         clocks.append(clock)
     med = lambda runs, attr: statistics.median(getattr(r, attr) for r in runs)
     t_a, t_b, m_a, m_b = med(lora, "step_s"), med(fera, "step_s"), med(lora, "peak_mb"), med(fera, "peak_mb")
-    print(f"SD1.5-architecture model (model_channels 64), batch 2 x 4 x {args.size} x {args.size}, "
+    print(f"SD1.5-architecture model (model_channels 64), batch 1 x 4 x {args.size} x {args.size}, "
           f"{args.steps} steps x {args.rounds} rounds, checkpointing {'on' if args.checkpointing else 'off'}, "
           f"torch {torch.__version__}")
     print(f"{'':24}{'s/step':>10}{'peak MB':>10}{'params':>10}")
