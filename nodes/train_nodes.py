@@ -152,20 +152,30 @@ class TrainFeRA(io.ComfyNode):
                 io.String.Output(display_name="summary", tooltip="Layers, parameters and loss of this training."),
             ],
             hidden=[io.Hidden.unique_id],
+            is_input_list=True,  # dataset loaders of newer ComfyUI give one image (so one LATENT) per list item
         )
 
     @classmethod
     def execute(cls, model, latents, positive, steps, learning_rate, rank, alpha, experts, bands, tau, indicator,
                 fecl_weight, layers, batch_size, grad_accumulation, seed, training_dtype, gradient_checkpointing,
                 diff_tuning, fera_adapter=None, retention_latents=None, retention_positive=None) -> io.NodeOutput:
+        # Every input arrives as a list (is_input_list): settings take their first value, images and
+        # conditionings are joined.
+        (model, steps, learning_rate, rank, alpha, experts, bands, tau, indicator, fecl_weight, layers, batch_size,
+         grad_accumulation, seed, training_dtype, gradient_checkpointing, diff_tuning, fera_adapter) = (
+            v[0] if isinstance(v, list) else v for v in (
+                model, steps, learning_rate, rank, alpha, experts, bands, tau, indicator, fecl_weight, layers,
+                batch_size, grad_accumulation, seed, training_dtype, gradient_checkpointing, diff_tuning, fera_adapter))
+        images, positive = joined_latents(latents, "latents"), joined_conditioning(positive)
+        retention = None if retention_latents is None else joined_latents(retention_latents, "retention_latents")
+        retention_positive = None if retention_positive is None else joined_conditioning(retention_positive)
         settings = TrainSettings(steps, learning_rate, batch_size, grad_accumulation, seed, DTYPES[training_dtype],
                                  gradient_checkpointing, diff_tuning).check()
         if fera_adapter is None:
             adapter = new_adapter(model.model, layers, rank, alpha, experts, bands, tau, indicator, fecl_weight, seed)
         else:
             adapter = continued_adapter(model.model, fera_adapter, fecl_weight)
-        retention = None if retention_latents is None else retention_latents["samples"]
-        adapter, losses = train(model, adapter, latents["samples"], positive, settings, retention, retention_positive,
+        adapter, losses = train(model, adapter, images, positive, settings, retention, retention_positive,
                                 _progress(getattr(cls.hidden, "unique_id", None), steps))
         adapter = adapter.to("cpu")
         previous = getattr(fera_adapter, "training", None)
@@ -173,11 +183,27 @@ class TrainFeRA(io.ComfyNode):
             steps=steps, learning_rate=learning_rate, batch_size=batch_size, grad_accumulation=grad_accumulation,
             seed=seed, training_dtype=training_dtype, gradient_checkpointing=gradient_checkpointing,
             diff_tuning=diff_tuning, retention_images=0 if retention is None else int(retention.shape[0]),
-            images=int(latents["samples"].shape[0]), layers=layers, final_loss=losses[-1],
+            images=int(images.shape[0]), layers=layers, final_loss=losses[-1],
             **({"continued_from": previous} if previous else {}))
         text = summary(adapter, layers, losses)
         return io.NodeOutput(apply_fera(model, adapter, 1.0), adapter, {"loss": losses}, text,
                              ui=ui.PreviewText(text))
+
+
+def joined_latents(latents, name: str) -> torch.Tensor:
+    """One batch from a LATENT or a list of LATENTs (all images the same size)."""
+    parts = [item["samples"] for item in (latents if isinstance(latents, list) else [latents])]
+    shapes = {tuple(p.shape[1:]) for p in parts}
+    if len(shapes) != 1:
+        raise ValueError(f"{name}: the images have different sizes {sorted(shapes)}; resize them to one size")
+    return torch.cat(parts)
+
+
+def joined_conditioning(positive) -> list:
+    """One list of conditioning entries from a CONDITIONING or a list of them."""
+    if positive and isinstance(positive[0], list) and positive[0] and isinstance(positive[0][0], list):
+        return [entry for cond in positive for entry in cond]
+    return positive
 
 
 def next_free_path(directory: str, prefix: str) -> str:

@@ -239,8 +239,10 @@ NODE_ARGS = dict(steps=6, learning_rate=1e-2, rank=4, alpha=4.0, experts=3, band
 
 
 def node_train(patcher, lat, pos, **kw):
+    """TrainFeRA as ComfyUI calls it: every input a list (is_input_list)."""
+    args = {k: [v] for k, v in (NODE_ARGS | kw).items()}
     with torch.inference_mode():
-        return train_nodes.TrainFeRA.execute(patcher, {"samples": lat}, pos, **(NODE_ARGS | kw))
+        return train_nodes.TrainFeRA.execute([patcher], [{"samples": lat}], [pos], **args)
 
 
 def sample(patcher, family="sd15", seed=4):
@@ -435,3 +437,18 @@ def test_sd15_file_trained_here_gives_fera_core_outputs_on_the_diffusers_layout(
     # against an adapter effect of 0.07
     assert effect > 1e-2, effect
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_lists_of_latents_and_conditionings_are_joined(models_dir):
+    """Newer ComfyUI's dataset loaders give one image per list item: VAE Encode then makes one LATENT each."""
+    patcher = tiny("sd15")
+    lat, pos = data("sd15", n=2, per_image=True)
+    args = {k: [v] for k, v in NODE_ARGS.items()}
+    with torch.inference_mode():
+        out = train_nodes.TrainFeRA.execute([patcher], [{"samples": lat[:1]}, {"samples": lat[1:]}],
+                                            [pos[:1], pos[1:]], **args)
+    assert out.args[1].training["images"] == 2
+    with pytest.raises(ValueError, match="the images have different sizes"):
+        with torch.inference_mode():
+            train_nodes.TrainFeRA.execute([patcher], [{"samples": lat[:1]}, {"samples": lat[1:, :, :4]}], [pos[:1]],
+                                          **args)
