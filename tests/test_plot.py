@@ -1,0 +1,97 @@
+"""Routing plot and band-energy chart: size, not blank, and drawn from the trace's numbers."""
+import builtins
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("matplotlib", reason="matplotlib draws the FeRA plots (requirements-dev.txt)")
+
+from fera_core import plot  # noqa: E402
+from fera_core.trace import COND, UNCOND, RoutingTrace  # noqa: E402
+
+
+def handover_trace(steps=6):
+    """Weights hand over from expert 0 to expert 2; uncond rows lag one step; energies move to the fine band."""
+    trace = RoutingTrace(meta={"adapter": "demo.safetensors", "settings": {"strength": 0.8, "tau": 0.7}},
+                         percent_of=lambda s: 1 - s / 10)
+    for step in range(steps):
+        a = step / (steps - 1)
+        b = max(step - 1, 0) / (steps - 1)
+        w = torch.tensor([[1 - a, 0.0, a], [1 - b, 0.0, b]])
+        e = torch.tensor([[1 - a, a / 2, a / 2]] * 2)
+        trace.record(e, w, sigma=torch.tensor([10.0 - step] * 2), cond_or_uncond=[COND, UNCOND], step=step)
+    return trace
+
+
+def test_plot_size_not_blank_and_title():
+    img = plot.plot_routing(handover_trace())
+    assert img.dtype == np.uint8 and img.shape == (600, 800, 3)
+    assert (img < 128).any() and (img > 250).mean() > 0.3  # lines and text on a white background
+    colours = {tuple(c) for c in img.reshape(-1, 3)[::7]}
+    assert len(colours) > 50  # several series, legend, text: not a flat picture
+    fig = plot.routing_figure(handover_trace())
+    assert fig._suptitle.get_text() == "demo.safetensors  strength 0.8  tau 0.7"
+    assert plot.routing_figure(handover_trace(), title="mine")._suptitle.get_text() == "mine"
+
+
+def test_plotted_numbers_are_the_traces():
+    trace = handover_trace()
+    fig = plot.routing_figure(trace)
+    top, bottom = fig.axes[:2]
+    lines = {line.get_label(): line for line in top.get_lines()}
+    assert set(lines) == {f"expert {m} ({c})" for m in range(3) for c in ("cond", "uncond")}
+    assert lines["expert 2 (cond)"].get_linestyle() == "-" and lines["expert 2 (uncond)"].get_linestyle() == "--"
+    cond = trace.step_weights("cond")
+    uncond = trace.step_weights("uncond")
+    np.testing.assert_allclose(lines["expert 2 (cond)"].get_xdata(), [s for s, _, _ in cond])
+    np.testing.assert_allclose(lines["expert 2 (cond)"].get_ydata(), [w[2] for _, _, w in cond], rtol=1e-6)
+    np.testing.assert_allclose(lines["expert 0 (uncond)"].get_ydata(), [w[0] for _, _, w in uncond], rtol=1e-6)
+    # stacked energies: the top of the stack at step 5 is the sum of the bands, the first band is band 0
+    fills = bottom.collections
+    assert len(fills) == 3
+    band0_top = fills[0].get_paths()[0].vertices[:, 1].max()
+    assert band0_top == pytest.approx(1.0)  # band 0 holds everything at step 0
+    assert top.get_xlim() == bottom.get_xlim()
+    assert bottom.get_xlabel() == "sampling step" and "router weight" in top.get_ylabel()
+
+
+def test_plot_against_sigma_and_save(tmp_path):
+    trace = handover_trace()
+    fig = plot.routing_figure(trace, x="sigma")
+    line = next(line for line in fig.axes[0].get_lines() if line.get_label() == "expert 0 (cond)")
+    np.testing.assert_allclose(line.get_xdata(), [10.0 - s for s in range(6)])
+    assert fig.axes[1].get_xscale() == "log" and fig.axes[1].xaxis_inverted()
+    path = plot.save_routing_plot(trace, tmp_path / "r.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in tmp_path.iterdir()] == ["r.png"]
+    with pytest.raises(ValueError, match="x must be"):
+        plot.plot_routing(trace, x="time")
+    with pytest.raises(ValueError, match="empty"):
+        plot.plot_routing(RoutingTrace())
+
+
+def test_band_energy_chart():
+    img = plot.plot_band_energies([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], ["smooth", "noise"], title="bands")
+    assert img.shape == (300, 500, 3) and img.dtype == np.uint8 and (img < 128).any()
+    # bar lengths are the energies: C0 (band 0) pixels span 7x more width in row 0 than in row 1
+    c0 = np.array([31, 119, 180])
+    mask = (np.abs(img.astype(int) - c0).sum(-1) < 10)
+    ys = np.nonzero(mask.any(1))[0]
+    rows = [r for r in np.split(ys, np.nonzero(np.diff(ys) > 1)[0] + 1) if len(r) > 10]
+    widths = [mask[r].sum(1).max() for r in rows]
+    assert widths[0] / widths[1] == pytest.approx(7.0, rel=0.05)
+
+
+def test_missing_matplotlib_names_the_fix(monkeypatch):
+    real = builtins.__import__
+
+    def no_mpl(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    fresh = importlib.reload(plot)  # importing fera_core.plot itself needs no matplotlib
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        fresh.plot_routing(handover_trace())
