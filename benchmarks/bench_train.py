@@ -48,6 +48,7 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from comfy_host import pack_module, setup_comfy  # noqa: E402
+from test_comfy_apply import TINY_UNET  # noqa: E402
 
 setup_comfy()
 import comfy.model_management  # noqa: E402
@@ -63,13 +64,7 @@ objective_mod = pack_module("nodes.objective")
 core_training = pack_module("fera_core.training")
 keys = pack_module("nodes.keys")
 
-UNET = {
-    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-    "in_channels": 4, "out_channels": 4, "model_channels": 64, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
-    "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
-    "context_dim": 64, "num_head_channels": 8, "use_linear_in_transformer": False, "adm_in_channels": None,
-    "use_temporal_resblock": False, "use_temporal_attention": False,
-}
+UNET = dict(TINY_UNET, model_channels=64, context_dim=64)  # the test model, twice as wide
 EXPERTS, RANK = 3, 4
 _LIBC = ctypes.CDLL("libc.so.6")
 

@@ -23,6 +23,7 @@ from comfy_extras.nodes_custom_sampler import Guider_Basic  # noqa: E402
 from fera_core.training import regression_target  # noqa: E402
 from test_comfy_apply import TINY_UNET  # noqa: E402
 from test_comfy_families import FAMILIES as TINY_DIT  # noqa: E402
+from test_comfy_nodes import models_dir  # noqa: E402,F401  (a throwaway models/ tree)
 
 training = pack_module("nodes.training")
 train_nodes = pack_module("nodes.train_nodes")
@@ -258,21 +259,6 @@ def sample(patcher, family="sd15", seed=4):
 
 def weights(patcher):
     return {k: v.clone() for k, v in patcher.model.state_dict().items()}
-
-
-@pytest.fixture()
-def models_dir(tmp_path, monkeypatch):
-    """A throwaway models/ tree with the fera folder registered as ComfyUI would."""
-    import folder_paths
-    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
-    saved = {k: (list(v[0]), set(v[1])) for k, v in folder_paths.folder_names_and_paths.items()}
-    folder_paths.folder_names_and_paths.pop("fera", None)
-    folder_paths.filename_list_cache.clear()
-    pack_module("nodes.files").register_folder()
-    yield tmp_path
-    folder_paths.folder_names_and_paths.clear()
-    folder_paths.folder_names_and_paths.update(saved)
-    folder_paths.filename_list_cache.clear()
 
 
 def test_train_node_outputs_and_leaves_the_input_model_untouched(models_dir):
