@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import os
 
+import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 
@@ -79,8 +80,7 @@ def summary(adapter: FeRAAdapter, preset: str, losses: list[float]) -> str:
 
 def _progress(node_id, steps: int):
     """ProgressBar plus a 'fera.train' event carrying the live loss (one host sync per step)."""
-    import comfy.utils
-    bar = comfy.utils.ProgressBar(steps, node_id=node_id) if node_id is not None else comfy.utils.ProgressBar(steps)
+    bar = comfy.utils.ProgressBar(steps, node_id=node_id)
 
     def update(step: int, total: int, loss: float):
         bar.update_absolute(step, total)
