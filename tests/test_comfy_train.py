@@ -261,11 +261,16 @@ def weights(patcher):
     return {k: v.clone() for k, v in patcher.model.state_dict().items()}
 
 
-def test_train_node_outputs_and_leaves_the_input_model_untouched(models_dir):
+def test_train_node_outputs_and_leaves_the_input_model_untouched(models_dir, monkeypatch):
+    import comfy.utils
     patcher = tiny("sd15")
     lat, pos = data("sd15")
     before_w, before_out = weights(patcher), sample(patcher)
+    bar = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: bar.append(
+        (value, total)))
     out = node_train(patcher, lat, pos)
+    assert bar == [(i, 6) for i in range(1, 7)]  # the UI's progress bar moves once per step
     model, adapter, loss, text = out.args
     assert len(loss["loss"]) == 6 and adapter.training["steps"] == 6 and adapter.config.base_model == "sd15"
     assert f"{len(adapter.layers)} layers" in text and f"{adapter.num_parameters():,} parameters" in text
