@@ -18,7 +18,8 @@ the peak resident memory added by training (VmHWM reset through /proc/self/clear
 gc and malloc_trim, minus the resident size before training). Runs alternate A, B, A, B;
 reported are medians and the ratio B/A. Targets: time <= 1.35x (FeRA's no-grad forward of the
 frozen model for FECL makes ~1.33x the floor), memory <= 1.10x. FECL's own cost is reported
-apart: the time of the frozen forward and of the loss terms inside FeRA's steps.
+apart: the time of the frozen forward and of the loss terms inside FeRA's steps, and a third
+run C, FeRA with fecl_weight 0 (training_step then skips the frozen forward).
 """
 from __future__ import annotations
 
@@ -166,8 +167,9 @@ class FeclClock:
         objective_mod.ComfyObjective.predict, core_training.fera_loss = self._predict, self._loss
 
 
-def run_fera(patcher, lat, pos, steps, checkpointing):
-    adapter = train_nodes.new_adapter(patcher.model, "attention", RANK, 4.0, EXPERTS, 3, 0.7, "partition", 0.1, 0)
+def run_fera(patcher, lat, pos, steps, checkpointing, fecl_weight=0.1):
+    adapter = train_nodes.new_adapter(patcher.model, "attention", RANK, 4.0, EXPERTS, 3, 0.7, "partition",
+                                      fecl_weight, 0)
     settings = training.TrainSettings(steps=steps, learning_rate=1e-4, batch_size=1, seed=0, dtype=None,
                                       gradient_checkpointing=checkpointing)
     with Meter() as meter, FeclClock() as clock:
@@ -186,13 +188,14 @@ def main():
     args = ap.parse_args()
     patcher = model()
     lat, pos = data(args.size)
-    lora, fera, clocks = [], [], []
+    lora, fera, plain, clocks = [], [], [], []
     for _ in range(args.rounds):
         m, n_lora = run_lora(patcher, lat, pos, args.steps, args.checkpointing)
         lora.append(m)
         m, n_fera, clock = run_fera(patcher, lat, pos, args.steps, args.checkpointing)
         fera.append(m)
         clocks.append(clock)
+        plain.append(run_fera(patcher, lat, pos, args.steps, args.checkpointing, fecl_weight=0.0)[0])
     med = lambda runs, attr: statistics.median(getattr(r, attr) for r in runs)
     t_a, t_b, m_a, m_b = med(lora, "step_s"), med(fera, "step_s"), med(lora, "peak_mb"), med(fera, "peak_mb")
     print(f"SD1.5-architecture model (model_channels 64), batch 1 x 4 x {args.size} x {args.size}, "
@@ -201,12 +204,15 @@ def main():
     print(f"{'':24}{'s/step':>10}{'peak MB':>10}{'params':>10}")
     print(f"{'A: LoRA rank 12':24}{t_a:10.3f}{m_a:10.1f}{n_lora:10d}")
     print(f"{'B: FeRA 3 x rank 4':24}{t_b:10.3f}{m_b:10.1f}{n_fera:10d}")
+    t_c, m_c = med(plain, "step_s"), med(plain, "peak_mb")
+    print(f"{'C: B without FECL':24}{t_c:10.3f}{m_c:10.1f}{n_fera:10d}")
     print(f"time B/A {t_b / t_a:.3f} (target <= {TIME_TARGET}), "
           f"paired median {statistics.median(b.step_s / a.step_s for a, b in zip(lora, fera)):.3f}; "
           f"memory B/A {m_b / m_a:.3f} (target <= {MEMORY_TARGET})")
     frozen = statistics.median(c.frozen / c.total for c in clocks)
     loss = statistics.median(c.loss / c.total for c in clocks)
-    print(f"FECL's own cost inside FeRA's steps: frozen forward {frozen:.1%}, loss terms (MSE + FECL) {loss:.1%}")
+    print(f"FECL's own cost inside FeRA's steps: frozen forward {frozen:.1%}, loss terms (MSE + FECL) {loss:.1%}; "
+          f"B/C {t_b / t_c:.3f} time, {m_b / m_c:.3f} memory; C/A {t_c / t_a:.3f} time")
 
 
 if __name__ == "__main__":
