@@ -270,7 +270,8 @@ def test_train_node_outputs_and_leaves_the_input_model_untouched(models_dir, mon
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: bar.append(
         (value, total)))
     out = node_train(patcher, lat, pos)
-    assert bar == [(i, 6) for i in range(1, 7)]  # the UI's progress bar moves once per step
+    # the bar moves with the steps (newer ComfyUI throttles the updates it forwards, so some may be skipped)
+    assert bar[-1] == (6, 6) and bar == sorted(set(bar)) and set(bar) <= {(i, 6) for i in range(1, 7)}
     model, adapter, loss, text = out.args
     assert len(loss["loss"]) == 6 and adapter.training["steps"] == 6 and adapter.config.base_model == "sd15"
     assert f"{len(adapter.layers)} layers" in text and f"{adapter.num_parameters():,} parameters" in text
