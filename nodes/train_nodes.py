@@ -125,7 +125,7 @@ class TrainFeRA(io.ComfyNode):
                 io.Int.Input("batch_size", default=1, min=1, max=1024, tooltip="Images per step."),
                 io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
                              tooltip="Batches whose gradients are summed before each optimizer step."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the expert initialisation, image order, noise levels and noise."),
                 io.Combo.Input("training_dtype", options=list(DTYPES), default="bf16",
                                tooltip="Compute dtype of the forward passes (autocast); the adapter stays fp32."),
