@@ -14,7 +14,7 @@ Target: B/A <= 1.10.
 1. tiny: the SD1.5-architecture model of tests/test_comfy_apply.py (model_channels 32,
    random weights), 2x4x8x8 latent, 3 steps, an adapter on to_q/to_k/to_v/to_out.0 of
    every attention (56 layers, 3 experts, rank 4), 'partition' indicator.
-2. sd15: a full-size SD1.5 UNet built from ComfyUI's own classes (tests/comfy_host.FAMILIES,
+2. sd15: a full-size SD1.5 UNet built from ComfyUI's own classes (tests/comfy_host.build_model,
    the config ComfyUI detects from the released checkpoint), random float32 weights
    (std 0.02, norm weights 1, biases 0), batch 1 with CFG (the network sees 2 rows), 64x64
    latent (a 512x512 image), 3 steps. Adapter: /work/shared/fixtures/reference/
@@ -63,14 +63,12 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
-from comfy_host import FAMILIES, pack_module, setup_comfy  # noqa: E402
+from comfy_host import build_model, pack_module, setup_comfy  # noqa: E402
 
 setup_comfy()
-import comfy.model_detection  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402
-import comfy.supported_models  # noqa: E402
 
 routing = pack_module("nodes.routing")
 keys = pack_module("nodes.keys")
@@ -86,11 +84,7 @@ from test_comfy_apply import make_adapter as tiny_adapter, tiny_patcher  # noqa:
 
 def sd15_patcher(seed=0):
     """Full-size SD1.5 (ComfyUI's detection picks the class), built on meta, random float32 weights."""
-    expected, unet_config = FAMILIES["sd15"]
-    mc = comfy.model_detection.model_config_from_unet_config(dict(unet_config))
-    assert type(mc).__name__ == expected, type(mc)
-    mc.set_inference_dtype(torch.float32, None)
-    model = mc.get_model({}, "model.diffusion_model.", device="meta")
+    model = build_model("sd15", dtype=torch.float32)
     unet = model.diffusion_model.to_empty(device=CPU)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -24,7 +24,7 @@ from ..fera_core.indicator import band_energies
 from ..fera_core.model import check_fits
 from ..fera_core.router import RoutingControls
 from ..fera_core.trace import RoutingTrace
-from .keys import diffusers_to_comfy
+from .keys import diffusers_to_comfy, model_family
 
 WRAPPER_KEY = "fera"
 EXPERTS_OFF = "fera_experts_off"  # transformer_options flag: this call runs the frozen model (training's FECL base)
@@ -55,7 +55,7 @@ def match_layers(model, adapter: FeRAAdapter) -> dict[str, list[tuple[str, tuple
         problems = ([f"{len(unmatched)} have no counterpart (e.g. {unmatched[:3]})"] if unmatched else []) + \
                    ([f"{len(misfit)} have other shapes (e.g. {misfit[:2]})"] if misfit else [])
         raise AdapterMismatchError(
-            f"FeRA adapter (base model '{adapter.config.base_model}') does not fit {type(model).__name__}: "
+            f"FeRA adapter (base model '{adapter.config.base_model}') does not fit this {model_family(model)} model: "
             f"{total - len(unmatched) - len(misfit)} of {total} layers match, {', '.join(problems)}. "
             "Nothing was patched.")
     return targets

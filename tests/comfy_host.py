@@ -6,10 +6,13 @@ host can import this file (or not) without paying for, or depending on, ComfyUI.
 
 Full-size architectures are built on the meta device from ComfyUI's own supported_models
 classes, so no weights are allocated; only write_random_checkpoint materialises tensors, one at a
-time, straight into the file.
+time, straight into the file. tiny_model builds small real models of the same classes, and
+random_adapter a FeRA adapter for them; both draw from their own seeded generators, so a test's
+numbers never depend on which tests ran before it.
 """
 
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -23,14 +26,44 @@ import pytest
 PACK_ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "fera_pack"  # synthetic package name for the repo under test (see pack_module)
 
-# unet_config exactly as comfy.model_detection.detect_unet_config derives it from the released
-# checkpoints' weights (tests re-derive it from the built model's own state dict to prove this),
-# with the supported_models class ComfyUI must pick for it.
+# Full-size configurations. The ldm UNets (SD1.x, SD2.x, SDXL): unet_config exactly as
+# comfy.model_detection.detect_unet_config derives it from the released checkpoints' weights
+# (tests re-derive it from the built model's own state dict to prove this). The DiTs (SD3, Flux):
+# the weight shapes of the released checkpoint that ComfyUI's detection reads, so that the host's
+# own detection fills in whatever its model constructors need (Flux's txt_ids_dims appeared
+# after 0.3.64). Each family names the supported_models class ComfyUI must pick for it.
 _SD_UNET = {
     "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
     "in_channels": 4, "out_channels": 4, "model_channels": 320,
     "use_temporal_resblock": False, "use_temporal_attention": False,
 }
+
+
+class _Probe(dict):
+    """{key: shape} of the tensors of a released checkpoint that ComfyUI's detection reads."""
+
+
+def _sd3_probe(pos_embed_max_size, qk_norm=False, dual_attention=()):
+    hidden = 1536  # 64 * depth 24
+    shapes = _Probe({"joint_blocks.0.context_block.attn.qkv.weight": (3 * hidden, hidden),
+              "x_embedder.proj.weight": (hidden, 16, 2, 2), "final_layer.linear.weight": (64, hidden),
+              "y_embedder.mlp.0.weight": (hidden, 2048), "context_embedder.weight": (hidden, 4096),
+              "pos_embed": (1, pos_embed_max_size ** 2, hidden)})
+    if qk_norm:
+        shapes["joint_blocks.0.context_block.attn.ln_q.weight"] = (64,)
+    shapes.update({f"joint_blocks.{i}.x_block.attn2.qkv.weight": (3 * hidden, hidden) for i in dual_attention})
+    return shapes
+
+
+def _flux_probe():  # FLUX.1 [dev]
+    hidden = 3072
+    shapes = _Probe({"img_in.weight": (hidden, 64), "txt_in.weight": (hidden, 4096),
+                     "vector_in.in_layer.weight": (hidden, 768), "guidance_in.in_layer.weight": (hidden, 256)})
+    shapes.update({f"double_blocks.{i}.img_attn.norm.key_norm.scale": (128,) for i in range(19)})
+    shapes.update({f"single_blocks.{i}.norm.key_norm.scale": (128,) for i in range(38)})
+    return shapes
+
+
 FAMILIES = {
     "sd15": ("SD15", dict(
         _SD_UNET, adm_in_channels=None, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
@@ -45,27 +78,25 @@ FAMILIES = {
         channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
         transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10,
         use_linear_in_transformer=True, context_dim=2048)),
-    # SD3 medium (2B)
-    "sd3": ("SD3", {
-        "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 24, "input_size": None,
-        "adm_in_channels": 2048, "num_patches": 36864, "pos_embed_max_size": 192,
-        "context_embedder_config": {"target": "torch.nn.Linear",
-                                    "params": {"in_features": 4096, "out_features": 1536}},
-        "pos_embed_scaling_factor": None, "x_block_self_attn_layers": []}),
+    "sd3": ("SD3", _sd3_probe(192)),  # SD3 medium (2B)
     # SD3.5 medium: same family, adds qk RMSNorm and a second self-attention (attn2) in 13 blocks
-    "sd35m": ("SD3", {
-        "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 24, "input_size": None,
-        "adm_in_channels": 2048, "num_patches": 147456, "pos_embed_max_size": 384, "qk_norm": "rms",
-        "context_embedder_config": {"target": "torch.nn.Linear",
-                                    "params": {"in_features": 4096, "out_features": 1536}},
-        "pos_embed_scaling_factor": None, "x_block_self_attn_layers": list(range(13))}),
-    # FLUX.1 [dev]
-    "flux": ("Flux", {
-        "image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16,
-        "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0,
-        "num_heads": 24, "depth": 19, "depth_single_blocks": 38, "axes_dim": [16, 56, 56],
-        "theta": 10000, "qkv_bias": True, "guidance_embed": True}),
+    "sd35m": ("SD3", _sd3_probe(384, qk_norm=True, dual_attention=range(13))),
+    "flux": ("Flux", _flux_probe()),
 }
+
+# Tiny models: the full-size configuration with these entries replaced (every family takes a
+# 32-wide text context and, where it has one, a 32-wide pooled vector).
+TINY_CONTEXT = 32
+_TINY = {
+    "sd15": dict(model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1],
+                 transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, context_dim=TINY_CONTEXT),
+    "sd3": dict(depth=2, adm_in_channels=TINY_CONTEXT, num_patches=256, pos_embed_max_size=16,
+                context_embedder_config={"target": "torch.nn.Linear",
+                                         "params": {"in_features": TINY_CONTEXT, "out_features": 128}}),
+    "flux": dict(vec_in_dim=TINY_CONTEXT, context_in_dim=TINY_CONTEXT, hidden_size=64, mlp_ratio=2.0,
+                 num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12]),
+}
+TINY_FAMILIES = tuple(_TINY)
 
 
 def comfyui_root():
@@ -118,21 +149,86 @@ def pack_module(name):
     return importlib.import_module(f"{PACK_NAME}.{name}")
 
 
-def build_model(family, device="meta"):
+def unet_config(family):
+    """The full-size unet_config of a family in FAMILIES, as this host's detection sees it."""
+    setup_comfy()
+    import copy
+    import torch
+    import comfy.model_detection
+    spec = FAMILIES[family][1]
+    if not isinstance(spec, _Probe):
+        return copy.deepcopy(spec)
+    probe = {key: torch.empty(shape, device="meta") for key, shape in spec.items()}
+    return comfy.model_detection.detect_unet_config(probe, "")
+
+
+def build_model(family, device="meta", dtype=None):
     """Full-size ComfyUI BaseModel for family in FAMILIES, weights on `device` (meta: none).
 
     Goes through comfy.model_detection.model_config_from_unet_config, the same matching the
     checkpoint loader uses, so the supported_models class (and its model_base class) is ComfyUI's
-    own choice; ComfyUI's layers take a device argument and skip weight init.
+    own choice; ComfyUI's layers take a device argument and skip weight init. dtype: float16
+    unless given.
     """
     setup_comfy()
     import torch
     import comfy.model_detection
-    expected, unet_config = FAMILIES[family]
-    model_config = comfy.model_detection.model_config_from_unet_config(dict(unet_config))
-    assert type(model_config).__name__ == expected, (family, type(model_config))
-    model_config.set_inference_dtype(torch.float16, None)
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config(family))
+    assert type(model_config).__name__ == FAMILIES[family][0], (family, type(model_config))
+    model_config.set_inference_dtype(dtype or torch.float16, None)
     return model_config.get_model({}, "model.diffusion_model.", device=device)
+
+
+def tiny_model(family, seed=0, dtype=None):
+    """A ModelPatcher on the CPU of a tiny model of family in TINY_FAMILIES.
+
+    The family's supported_models class with its full-size configuration (so the host's own
+    defaults and required parameters) shrunk by _TINY; every weight N(0, 0.05^2) drawn from a
+    generator seeded with `seed`, never from the global RNG. dtype: float32 unless given.
+    """
+    setup_comfy()
+    import torch
+    import comfy.model_patcher
+    import comfy.supported_models
+    dtype = dtype or torch.float32
+    model_config = getattr(comfy.supported_models, FAMILIES[family][0])(dict(unet_config(family), **_TINY[family]))
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({}, "model.diffusion_model.")
+    gen = torch.Generator().manual_seed(seed)
+    model.diffusion_model.load_state_dict(
+        {k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in model.diffusion_model.state_dict().items()})
+    model.diffusion_model.to(dtype)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def random_adapter(model, seed, targets=("to_q", "to_k", "to_v", "to_out.0"), up_std=0.5, router_std=1.0,
+                   alpha=1.0, **config):
+    """A FeRA adapter (3 experts of rank 4) on the model's attention layers whose diffusers path
+    ends with one of `targets`, every weight drawn from a generator seeded with `seed`: down as
+    the reference initialises it, up N(0, up_std^2) so that the experts act, router
+    N(0, router_std^2). config: further FeRAConfig fields."""
+    import math
+    import torch
+    from fera_core import FeRAAdapter, FeRAConfig, RoutedExperts
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    # sorted: ComfyUI builds its key maps from sets, so their order changes with PYTHONHASHSEED
+    for path, (comfy_path, rows) in sorted(pack_module("nodes.keys").diffusers_to_comfy(model).items()):
+        if path.endswith(tuple(targets)) and "attn" in path:
+            layer = model.get_submodule(comfy_path)
+            e = RoutedExperts(layer.in_features, rows[1] if rows else layer.out_features, 3, 4, alpha)
+            with torch.no_grad():
+                bound = 1 / math.sqrt(e.down[0].numel())  # Kaiming-uniform, a = sqrt(5)
+                e.down.copy_((torch.rand(e.down.shape, generator=gen) * 2 - 1) * bound)
+                e.up.copy_(torch.randn(e.up.shape, generator=gen) * up_std)
+            layers[path] = e
+    adapter = FeRAAdapter(FeRAConfig(alpha=alpha, target_modules=list(targets), match_full_name=True,
+                                     indicator="partition", **config), layers)
+    with torch.no_grad():
+        for p in adapter.router.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * router_std)
+    return adapter
 
 
 def _vae_state_dict():
@@ -198,7 +294,11 @@ def write_random_checkpoint(path, family="sd15", seed=0):
     if family not in ("sd15", "sd2", "sdxl"):
         raise ValueError(f"write_random_checkpoint supports sd15, sd2, sdxl, not {family!r}")
     model = build_model(family)
-    layout = model.state_dict_for_saving(_text_encoder_state_dict(model), _vae_state_dict())
+    parts = dict(clip_state_dict=_text_encoder_state_dict(model), vae_state_dict=_vae_state_dict())
+    if "unet_state_dict" in inspect.signature(model.state_dict_for_saving).parameters:
+        # newer hosts take the diffusion model's weights from the caller (the ModelPatcher)
+        parts["unet_state_dict"] = model.diffusion_model.state_dict()
+    layout = model.state_dict_for_saving(**parts)
 
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for key, t in layout.items():

@@ -7,16 +7,14 @@ latent rows the diffusion model receives.
 import pytest
 import torch
 
-from comfy_host import pack_module, setup_comfy
+from comfy_host import pack_module, random_adapter, setup_comfy, tiny_model
 
 setup_comfy()
 import comfy.model_management  # noqa: E402
-import comfy.model_patcher  # noqa: E402
 import comfy.ops  # noqa: E402
 import comfy.sample  # noqa: E402
-import comfy.supported_models  # noqa: E402
 
-from fera_core import FeRAAdapter, FeRAConfig, RoutedExperts, band_energies  # noqa: E402
+from fera_core import FeRAAdapter, RoutedExperts, band_energies  # noqa: E402
 from fera_core.model import FeRALayer  # noqa: E402
 from fera_core.trace import RoutingTrace  # noqa: E402
 
@@ -24,45 +22,18 @@ routing_mod = pack_module("nodes.routing")
 keys = pack_module("nodes.keys")
 apply_fera = routing_mod.apply_fera
 
-TINY_UNET = {
-    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-    "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
-    "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
-    "context_dim": 32, "num_head_channels": 8, "use_linear_in_transformer": False, "adm_in_channels": None,
-    "use_temporal_resblock": False, "use_temporal_attention": False,
-}
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def tiny_patcher(dtype=torch.float32, seed=0):
-    mc = comfy.supported_models.SD15(dict(TINY_UNET))
-    mc.set_inference_dtype(dtype, None)
-    model = mc.get_model({}, "model.diffusion_model.")
-    gen = torch.Generator().manual_seed(seed)
-    sd = {k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in model.diffusion_model.state_dict().items()}
-    model.diffusion_model.load_state_dict(sd)
-    model.diffusion_model.to(dtype)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return tiny_model("sd15", seed, dtype)
 
 
-def make_adapter(model, seed=1, targets=ATTENTION):
-    names = keys.diffusers_to_comfy(model)
-    gen = torch.Generator().manual_seed(seed)
-    layers = {}
-    for path, (comfy_path, _) in names.items():
-        if path.endswith(targets) and "attn" in path:
-            layer = model.get_submodule(comfy_path)
-            e = RoutedExperts(layer.in_features, layer.out_features, 3, 4, 1.0)
-            with torch.no_grad():
-                e.up.copy_(torch.randn(e.up.shape, generator=gen) * 0.5)
-            layers[path] = e
-    adapter = FeRAAdapter(FeRAConfig(target_modules=list(targets), match_full_name=True, base_model="sd15",
-                                   indicator="partition"), layers)
-    with torch.no_grad():
-        for p in adapter.router.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen))
-    return adapter
+def make_adapter(model, seed=2, targets=ATTENTION):
+    """Experts strong enough to move the tiny model's samples by about 0.35 (max abs, on outputs
+    up to 60), 1000x the tolerance of the equality checks; seed 2's router is not saturated, so
+    rows with different spectra get visibly different mixes."""
+    return random_adapter(model, seed, targets, up_std=5.0, base_model="sd15")
 
 
 def latents():
@@ -151,14 +122,14 @@ def test_patched_prediction_equals_fera_core_with_cfg_and_distinct_rows(patcher,
     got = sample(fera)
     want = expected(patcher, [(adapter, 1.0)])
     plain = sample(patcher)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert (got - plain).abs().max() > 1e-2, "experts had no visible effect"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # measured: 1e-5 apart
+    assert (got - plain).abs().max() > 0.05, "experts had no visible effect"  # measured: 0.34
     rows = trace.rows()
     assert len(rows) == 3 * 4  # 3 euler steps, cond + uncond of 2 latents per call
     assert {r["cond"] for r in rows} == {"cond", "uncond"}
     first = [r for r in rows if r["call"] == 0 and r["cond"] == "cond"]
     assert first[0]["row"] == 0 and first[1]["row"] == 1
-    assert max(abs(a - b) for a, b in zip(first[0]["weights"], first[1]["weights"])) > 1e-3
+    assert max(abs(a - b) for a, b in zip(first[0]["weights"], first[1]["weights"])) > 0.01  # measured: 0.14
 
 
 @pytest.mark.parametrize("sampler, scheduler", [("dpmpp_2m", "karras"), ("dpmpp_sde", "exponential"),
@@ -168,7 +139,8 @@ def test_samplers_and_schedulers(patcher, adapter, sampler, scheduler):
     kw = dict(sampler=sampler, scheduler=scheduler, steps=4)
     got = sample(apply_fera(patcher, adapter, 1.0), **kw)
     torch.testing.assert_close(got, expected(patcher, [(adapter, 1.0)], **kw), rtol=1e-5, atol=1e-5)
-    assert (got - sample(patcher, **kw)).abs().max() > 1e-3  # 100x the tolerance of the equality above
+    # measured effects 0.25 (ddim) to 1.0; the equality above allows at most 2e-3 on these outputs
+    assert (got - sample(patcher, **kw)).abs().max() > 0.05
 
 
 def test_strength_zero_is_bit_identical_and_base_is_restored(patcher, adapter):
@@ -211,7 +183,7 @@ def test_chains_with_second_adapter_and_lora(patcher, adapter):
     both = sample(chained)
     torch.testing.assert_close(both, expected(patcher, [(adapter, 1.0), (other, 0.5)]), rtol=1e-5, atol=1e-5)
     only_a = sample(apply_fera(patcher, adapter, 1.0))
-    assert (both - only_a).abs().max() > 1e-3
+    assert (both - only_a).abs().max() > 0.03  # measured: 0.22
     # order of two FeRA applications does not matter (the updates add up)
     torch.testing.assert_close(sample(apply_fera(apply_fera(patcher, other, 0.5), adapter, 1.0)), both,
                                rtol=1e-5, atol=1e-5)
@@ -227,7 +199,7 @@ def test_chains_with_second_adapter_and_lora(patcher, adapter):
     lora_then_fera = sample(apply_fera(lora_first, adapter, 1.0))
     fera_then_lora, _ = comfy.sd.load_lora_for_models(apply_fera(patcher, adapter, 1.0), None, lora, 1.0, 0)
     torch.testing.assert_close(sample(fera_then_lora), lora_then_fera, rtol=1e-5, atol=1e-5)
-    assert (lora_then_fera - only_a).abs().max() > 1e-3
+    assert (lora_then_fera - only_a).abs().max() > 0.01  # measured: 0.063
 
 
 def test_area_conditioning_routes_the_rows_each_call_receives(patcher, adapter):
@@ -246,20 +218,26 @@ def test_sigma_range_and_controls(patcher, adapter):
     zero_gain = routing_mod.RoutingControls(gains=[0.0, 0.0, 0.0])
     torch.testing.assert_close(sample(apply_fera(patcher, adapter, 1.0, zero_gain)), plain, rtol=1e-6, atol=1e-6)
     forced = [sample(apply_fera(patcher, adapter, 1.0, routing_mod.RoutingControls.forced(m, 3))) for m in range(3)]
-    assert (forced[0] - forced[1]).abs().max() > 1e-3
+    assert (forced[0] - forced[1]).abs().max() > 0.05  # measured: 0.82
     with pytest.raises(ValueError, match="start_percent"):
         apply_fera(patcher, adapter, 1.0, start_percent=0.8, end_percent=0.2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_models(dtype):
+@pytest.mark.parametrize("dtype, bound", [(torch.float16, 0.15), (torch.bfloat16, 0.5)])
+def test_half_precision_models(dtype, bound):
+    """The experts move a half-precision model's sample as they move the float32 model's.
+
+    Compared: the effects (with minus without FeRA, in each precision), so that the model's own
+    rounding, as large as the effect in bfloat16, cancels. Measured relative error of the
+    effect: 0.023 (float16), 0.17 (bfloat16); experts missing or doubled give 1."""
     p32, p16 = tiny_patcher(), tiny_patcher(dtype)
     adapter = make_adapter(p32.model)
-    want = sample(apply_fera(p32, adapter, 1.0))
+    effect32 = sample(apply_fera(p32, adapter, 1.0)) - sample(p32)
     got = sample(apply_fera(p16, adapter, 1.0))
     assert torch.isfinite(got).all()
-    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
-    assert (got - sample(p16)).abs().max() > 1e-2
+    effect16 = got.float() - sample(p16).float()
+    assert effect32.abs().max() > 0.1
+    assert (effect16 - effect32).norm() < bound * effect32.norm()
 
 
 def test_layers_that_cast_weights_per_call(patcher, adapter):
@@ -285,5 +263,6 @@ def test_adapter_that_does_not_fit_is_refused_without_patching(patcher, adapter)
     msg = str(err.value)
     n = len(adapter.layers)  # one layer added, one existing layer replaced by a misfit
     assert f"{n - 1} of {n + 1} layers match, 1 have no counterpart" in msg and "1 have other shapes" in msg
+    assert "does not fit this SD1.5 model" in msg
     assert "mid_block.attentions.9" in msg and "in 7" in msg and "Nothing was patched" in msg
     assert (dict(patcher.object_patches), {k: dict(v) for k, v in patcher.wrappers.items()}) == before

@@ -7,61 +7,25 @@ given expert m's weights as a plain LoRA (ComfyUI slices fused layers itself).
 import pytest
 import torch
 
-from comfy_host import pack_module, setup_comfy
+from comfy_host import TINY_CONTEXT, TINY_FAMILIES, build_model, pack_module, random_adapter, setup_comfy, tiny_model
 
 setup_comfy()
 import comfy.model_management  # noqa: E402
-import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
-import comfy.supported_models as sm  # noqa: E402
 
-from fera_core import FeRAAdapter, FeRAConfig, RoutedExperts, RoutingControls  # noqa: E402
+from fera_core import RoutingControls  # noqa: E402
 from fera_core.trace import RoutingTrace  # noqa: E402
-from test_comfy_apply import TINY_UNET  # noqa: E402
 
 keys = pack_module("nodes.keys")
-apply_fera = pack_module("nodes.routing").apply_fera
+routing = pack_module("nodes.routing")
+apply_fera = routing.apply_fera
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-FAMILIES = {
-    "sd15": (sm.SD15, TINY_UNET, 4, 32),
-    "sd3": (sm.SD3, {"in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None,
-                     "adm_in_channels": 32, "num_patches": 256, "pos_embed_max_size": 16,
-                     "context_embedder_config": {"target": "torch.nn.Linear",
-                                                 "params": {"in_features": 32, "out_features": 128}},
-                     "pos_embed_scaling_factor": None, "x_block_self_attn_layers": []}, 16, 32),
-    "flux": (sm.Flux, {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16,
-                       "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2,
-                       "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000,
-                       "qkv_bias": True, "guidance_embed": False}, 16, 32),
-}
-
-
-def tiny(family):
-    cls, cfg, channels, ctx = FAMILIES[family]
-    mc = cls(dict(cfg))
-    mc.set_inference_dtype(torch.float32, None)
-    model = mc.get_model({}, "model.diffusion_model.")
-    gen = torch.Generator().manual_seed(0)
-    model.diffusion_model.load_state_dict(
-        {k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in model.diffusion_model.state_dict().items()})
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu), channels, ctx
 
 
 def adapter_for(model, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    layers = {}
-    for path, (comfy_path, rows) in keys.diffusers_to_comfy(model).items():
-        if path.endswith(ATTENTION):
-            layer = model.get_submodule(comfy_path)
-            e = RoutedExperts(layer.in_features, rows[1] if rows else layer.out_features, 3, 4, 2.0)
-            with torch.no_grad():
-                e.up.copy_(torch.randn(e.up.shape, generator=gen) * 0.3)
-            layers[path] = e
-    return FeRAAdapter(FeRAConfig(alpha=2.0, indicator="partition", match_full_name=True,
-                                  target_modules=list(ATTENTION)), layers)
+    return random_adapter(model, seed, ATTENTION, up_std=3.0, router_std=0.5, alpha=2.0)
 
 
 def expert_as_lora(model, adapter, m, strength):
@@ -77,9 +41,11 @@ def expert_as_lora(model, adapter, m, strength):
     return lora
 
 
-def run(patcher, channels, ctx, cfg=3.0):
+def run(patcher, cfg=3.0):
+    channels = patcher.model.latent_format.latent_channels
     gen = torch.Generator().manual_seed(4)
-    cond = lambda: [[torch.randn(1, 7, ctx, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen)}]]
+    cond = lambda: [[torch.randn(1, 7, TINY_CONTEXT, generator=gen),
+                     {"pooled_output": torch.randn(1, TINY_CONTEXT, generator=gen)}]]
     pos, neg = cond(), cond()
     yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
     lat = torch.stack([torch.sin(xx / 4 + yy / 5).expand(channels, 8, 8), ((xx + yy) % 2 * 2 - 1).expand(channels, 8, 8)])
@@ -89,30 +55,37 @@ def run(patcher, channels, ctx, cfg=3.0):
     return out
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_forced_expert_equals_comfyui_lora_of_that_expert(family):
-    patcher, channels, ctx = tiny(family)
+    patcher = tiny_model(family)
     adapter = adapter_for(patcher.model)
     assert len(adapter.layers) >= 8
-    plain = run(patcher, channels, ctx)
+    plain = run(patcher)
     for m, strength in ((0, 1.0), (2, 0.5)):
-        fera = run(apply_fera(patcher, adapter, strength, RoutingControls.forced(m, 3)), channels, ctx)
+        fera = run(apply_fera(patcher, adapter, strength, RoutingControls.forced(m, 3)))
         lora, _ = comfy.sd.load_lora_for_models(patcher, None, expert_as_lora(patcher.model, adapter, m, strength), 1.0, 0)
-        want = run(lora, channels, ctx)
-        assert (want - plain).abs().max() > 1e-3, "the LoRA had no effect: the comparison would prove nothing"
-        torch.testing.assert_close(fera, want, rtol=1e-4, atol=1e-4)
+        want = run(lora)
+        # measured: the LoRA moves the sample by 0.16 to 2.1; FeRA and it agree within 1e-4 (on values up to 285)
+        assert (want - plain).abs().max() > 0.03, "the LoRA had no effect: the comparison would prove nothing"
+        torch.testing.assert_close(fera, want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_rows_with_different_spectra_are_routed_differently(family):
-    patcher, channels, ctx = tiny(family)
+    patcher = tiny_model(family)
     adapter = adapter_for(patcher.model)
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in adapter.router.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     trace = RoutingTrace()
-    run(apply_fera(patcher, adapter, 1.0, trace=trace), channels, ctx)
+    run(apply_fera(patcher, adapter, 1.0, trace=trace))
     first = [r for r in trace.rows() if r["call"] == 0 and r["cond"] == "cond"]
     assert [r["row"] for r in first] == [0, 1]
-    assert max(abs(a - b) for a, b in zip(first[0]["weights"], first[1]["weights"])) > 1e-3
+    # float32 noise is ~1e-7; measured 2.6e-3 (flux) to 6.3e-3 (sd3): both rows are mostly noise at the first call
+    assert max(abs(a - b) for a, b in zip(first[0]["weights"], first[1]["weights"])) > 1e-4
+
+
+@pytest.mark.parametrize("family, name", [("sd15", "SD1.5"), ("sd2", "SD2"), ("sdxl", "SDXL"), ("sd3", "SD3"),
+                                          ("flux", "Flux")])
+def test_refusal_names_the_model_family_as_users_know_it(family, name):
+    model = build_model(family)  # meta device: matching reads shapes only
+    adapter = adapter_for(tiny_model("flux" if family == "sd15" else "sd15").model)
+    with pytest.raises(routing.AdapterMismatchError, match=f"does not fit this {name} model: 0 of"):
+        routing.match_layers(model, adapter)
