@@ -48,8 +48,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
-from comfy_host import pack_module, setup_comfy  # noqa: E402
-from test_comfy_apply import TINY_UNET  # noqa: E402
+from comfy_host import pack_module, setup_comfy, tiny_model  # noqa: E402
 
 setup_comfy()
 import comfy.model_management  # noqa: E402
@@ -65,13 +64,14 @@ objective_mod = pack_module("nodes.objective")
 core_training = pack_module("fera_core.training")
 keys = pack_module("nodes.keys")
 
-UNET = dict(TINY_UNET, model_channels=64, context_dim=64)  # the test model, twice as wide
 EXPERTS, RANK = 3, 4
 _LIBC = ctypes.CDLL("libc.so.6")
 
 
 def model():
-    mc = comfy.supported_models.SD15(dict(UNET))
+    # the tests' tiny SD1.5, twice as wide
+    mc = comfy.supported_models.SD15(dict(tiny_model("sd15").model.model_config.unet_config, model_channels=64,
+                                          context_dim=64))
     mc.set_inference_dtype(torch.float32, None)
     m = mc.get_model({}, "model.diffusion_model.")
     gen = torch.Generator().manual_seed(0)

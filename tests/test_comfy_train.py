@@ -8,10 +8,9 @@ import os
 import pytest
 import torch
 
-from comfy_host import pack_module, setup_comfy
+from comfy_host import TINY_CONTEXT, TINY_FAMILIES, pack_module, setup_comfy, tiny_model
 
 setup_comfy()
-import comfy.ldm.flux.model as flux_model  # noqa: E402
 import comfy.model_base  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
@@ -21,53 +20,45 @@ import comfy.supported_models as sm  # noqa: E402
 from comfy_extras.nodes_custom_sampler import Guider_Basic  # noqa: E402
 
 from fera_core.training import regression_target  # noqa: E402
-from test_comfy_apply import TINY_UNET  # noqa: E402
-from test_comfy_families import FAMILIES as TINY_DIT  # noqa: E402
 from test_comfy_nodes import models_dir  # noqa: E402,F401  (a throwaway models/ tree)
 
 training = pack_module("nodes.training")
 train_nodes = pack_module("nodes.train_nodes")
 objective_mod = pack_module("nodes.objective")
 
-_SD2 = dict(TINY_UNET, use_linear_in_transformer=True)
-_SDXL = dict(TINY_UNET, adm_in_channels=2816, num_classes="sequential", use_linear_in_transformer=True,
-             transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1])
-_FLUX = dict(TINY_DIT["flux"][1], guidance_embed=True)
-if "txt_ids_dims" in getattr(flux_model.FluxParams, "__dataclass_fields__", {}):
-    _FLUX["txt_ids_dims"] = []  # required since ComfyUI 0.33 (FLUX.1 detects as [])
-# family -> (supported_models class, unet_config, model type or None, latent channels, context dim, pooled dim)
-TINY = {
-    "sd15": (sm.SD15, TINY_UNET, None, 4, 32, None),
-    "sd2v": (sm.SD20, _SD2, comfy.model_base.ModelType.V_PREDICTION, 4, 32, None),
-    "sdxl": (sm.SDXL, _SDXL, None, 4, 32, 1280),
-    "sd3": (sm.SD3, TINY_DIT["sd3"][1], None, 16, 32, 32),
-    "flux": (sm.Flux, _FLUX, None, 16, 32, 32),
-}
+# family -> (latent channels, pooled-output width or None)
+TINY = {"sd15": (4, None), "sd2v": (4, None), "sdxl": (4, 1280), "sd3": (16, TINY_CONTEXT), "flux": (16, TINY_CONTEXT)}
 PREDICTION = {"sd15": "epsilon", "sd2v": "v_prediction", "sdxl": "epsilon", "sd3": "flow", "flux": "flow"}
 
 
-def tiny(family, seed=0):
-    """A ModelPatcher of a tiny `family` model, built and loaded under inference mode like a checkpoint."""
-    cls, cfg, model_type, *_ = TINY[family]
-    with torch.inference_mode():
-        mc = cls(dict(cfg))
-        mc.set_inference_dtype(torch.float32, None)
-        if mc.unet_config.get("num_head_channels", -1) > 0:
-            mc.unet_config["num_head_channels"] = 8  # SD2's class sets 64, more than the tiny width
-        if model_type is None:
-            model = mc.get_model({}, "model.diffusion_model.")
-        else:
-            model = comfy.model_base.BaseModel(mc, model_type=model_type)
-        gen = torch.Generator().manual_seed(seed)
-        model.diffusion_model.load_state_dict(
-            {k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in model.diffusion_model.state_dict().items()})
+def _unet_variant(family, seed):
+    """SD2-v and SDXL: comfy_host's tiny SD1.5 UNet configuration with those families' differences."""
+    base = tiny_model("sd15").model.model_config.unet_config
+    if family == "sd2v":
+        mc = sm.SD20(dict(base, use_linear_in_transformer=True))
+    else:
+        mc = sm.SDXL(dict(base, adm_in_channels=2816, num_classes="sequential", use_linear_in_transformer=True,
+                          transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1]))
+    mc.unet_config["num_head_channels"] = 8  # these classes set 64, more than the tiny width
+    mc.set_inference_dtype(torch.float32, None)
+    model = comfy.model_base.BaseModel(mc, model_type=comfy.model_base.ModelType.V_PREDICTION) \
+        if family == "sd2v" else mc.get_model({}, "model.diffusion_model.")
+    gen = torch.Generator().manual_seed(seed)
+    model.diffusion_model.load_state_dict(
+        {k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in model.diffusion_model.state_dict().items()})
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
+def tiny(family, seed=0):
+    """A ModelPatcher of a tiny `family` model, built and loaded under inference mode like a checkpoint."""
+    with torch.inference_mode():
+        return tiny_model(family, seed) if family in TINY_FAMILIES else _unet_variant(family, seed)
+
+
 def data(family, n=2, seed=5, per_image=False):
     """(latents, positive): smooth images (so the tiny model can learn them) and random text conditioning."""
-    _, _, _, channels, ctx, pooled = TINY[family]
+    channels, pooled = TINY[family]
     gen = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
     lat = torch.stack([torch.sin(xx / (3 + i) + yy / 4 + torch.arange(channels)[:, None, None]) for i in range(n)])
@@ -78,7 +69,7 @@ def data(family, n=2, seed=5, per_image=False):
             extra.update(width=64, height=64)
         if family == "flux":
             extra["guidance"] = 3.5
-        return [torch.randn(1, 7, ctx, generator=gen), extra]
+        return [torch.randn(1, 7, TINY_CONTEXT, generator=gen), extra]
 
     with torch.inference_mode():
         return lat * 2, [cond() for _ in range(n if per_image else 1)]
@@ -247,7 +238,7 @@ def node_train(patcher, lat, pos, **kw):
 
 
 def sample(patcher, family="sd15", seed=4):
-    _, _, _, channels, *_ = TINY[family]
+    channels, _ = TINY[family]
     _, pos = data(family, seed=9)
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
