@@ -209,6 +209,8 @@ def main():
     print(f"time B/A {t_b / t_a:.3f} (target <= {TIME_TARGET}), "
           f"paired median {statistics.median(b.step_s / a.step_s for a, b in zip(lora, fera)):.3f}; "
           f"memory B/A {m_b / m_a:.3f} (target <= {MEMORY_TARGET})")
+    print("per round s/step A, B, C: " + "; ".join(f"{a.step_s:.3f}, {b.step_s:.3f}, {c.step_s:.3f}"
+                                                 for a, b, c in zip(lora, fera, plain)))
     frozen = statistics.median(c.frozen / c.total for c in clocks)
     loss = statistics.median(c.loss / c.total for c in clocks)
     print(f"FECL's own cost inside FeRA's steps: frozen forward {frozen:.1%}, loss terms (MSE + FECL) {loss:.1%}; "
