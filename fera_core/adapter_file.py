@@ -7,7 +7,8 @@ with the reference trainer:
     base_model.<diffusers module path>.experts.<m>.lora_up.weight     (out, r) or (out, r, 1, 1)
 Metadata (strings): "fera.format_version" = "1", "fera.key_namespace" = "diffusers",
 "fera.config" = FeRAConfig as JSON (rank, alpha, experts, bands, tau, indicator,
-target modules, matching rule, base model family).
+target modules, matching rule, base model family); optional "fera.training" = the training
+settings as JSON. Readers ignore metadata keys they do not know.
 
 Reference files (torch.save pickles) are read with torch.load(weights_only=True), which
 refuses anything but tensors and plain containers. They carry no alpha or tau: the caller
@@ -47,7 +48,13 @@ class AdapterFileError(ValueError):
 
 
 class FeRAAdapter(nn.Module):
-    """A router and the routed experts of every adapted layer, keyed by diffusers module path."""
+    """A router and the routed experts of every adapted layer, keyed by diffusers module path.
+
+    training: how it was trained (a trainer's settings, JSON-serialisable), saved as the
+    optional "fera.training" metadata; None when unknown.
+    """
+
+    training: dict | None = None
 
     def __init__(self, config: FeRAConfig, layers: dict[str, RoutedExperts]):
         super().__init__()
@@ -167,6 +174,15 @@ def _metadata_config(meta: dict | None, source) -> FeRAConfig:
         raise AdapterFileError(source, f"invalid fera.config metadata: {err}") from None
 
 
+def _metadata_training(meta: dict | None) -> dict | None:
+    """The optional training settings; unreadable ones are dropped (they never affect the adapter)."""
+    try:
+        training = json.loads((meta or {})["fera.training"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return training if isinstance(training, dict) else None
+
+
 def _reference_config(sd: dict, source, alpha: float | None, tau: float | None, base_model: str | None) -> FeRAConfig:
     """A reference .pt file records no config: read sizes off its tensors, take alpha/tau from the caller."""
     _check_tensors(sd, source)
@@ -214,6 +230,7 @@ def load_adapter(path, alpha: float | None = None, tau: float | None = None,
         except (SafetensorError, OSError, ValueError) as err:
             raise AdapterFileError(path, f"unreadable safetensors file ({err})") from None
         config = _metadata_config(meta, path)
+        training = _metadata_training(meta)
     elif path.suffix in (".pt", ".pth", ".bin"):
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -221,9 +238,12 @@ def load_adapter(path, alpha: float | None = None, tau: float | None = None,
             raise AdapterFileError(path, f"not a plain tensor file, refused without unpickling ({type(err).__name__}: "
                                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
         config = _reference_config(sd, path, alpha, tau, base_model)
+        training = None
     else:
         raise AdapterFileError(path, "unsupported extension; expected .safetensors, .pt, .pth or .bin")
-    return FeRAAdapter.from_state_dict(sd, config, source=path)
+    adapter = FeRAAdapter.from_state_dict(sd, config, source=path)
+    adapter.training = training
+    return adapter
 
 
 def save_adapter(adapter: FeRAAdapter, path) -> Path:
@@ -233,6 +253,8 @@ def save_adapter(adapter: FeRAAdapter, path) -> Path:
         raise ValueError(f"{path}: adapters are saved as .safetensors")
     meta = {"fera.format_version": FORMAT_VERSION, "fera.key_namespace": KEY_NAMESPACE,
             "fera.config": json.dumps(adapter.config.to_dict(), sort_keys=True)}
+    if adapter.training:
+        meta["fera.training"] = json.dumps(adapter.training, sort_keys=True)
     return atomic_write(path, lambda tmp: save_file(adapter.file_state_dict(), tmp, metadata=meta))
 
 

@@ -152,9 +152,13 @@ def training_step(objective: Objective, x0: torch.Tensor, cond: Any, config: FeR
     noise = noise.to(x0.device)
     a, b_, model_time = objective.coefficients(u)
     x_t = (_rows(a, x0) * x0.float() + _rows(b_, x0) * noise).to(x0.dtype)
-    with torch.no_grad():
-        base = objective.predict(x_t, model_time, cond, experts=False)
+    base = None
+    if config.fecl_weight:  # the frozen prediction only feeds FECL; it goes first, so a host may keep
+        with torch.no_grad():  # the experts' routing of the last call for backward (checkpointing)
+            base = objective.predict(x_t, model_time, cond, experts=False)
     pred = objective.predict(x_t, model_time, cond, experts=True)
+    if base is None:
+        base = pred.detach()
     target = regression_target(objective.prediction, x0, noise, a, b_)
     weights = None
     if retention.any():

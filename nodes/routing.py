@@ -32,6 +32,7 @@ from .keys import diffusers_to_comfy, model_family
 from .tracing import RUNS_KEY, RunLog, TracedRun, requested
 
 WRAPPER_KEY = "fera"
+EXPERTS_OFF = "fera_experts_off"  # transformer_options flag: this call runs the frozen model (training's FECL base)
 
 
 class AdapterMismatchError(ValueError):
@@ -78,7 +79,12 @@ class FeRARouting:
 
     trace: a RoutingTrace every run also records into (scripts); tracing: None = trace the runs of
     prompts that contain a trace node, True = every run, False = never.
+    live (training): the router and experts are the adapter's own parameters, used with grad,
+    and the gains outlive the call, so that gradient checkpointing's recomputation in backward
+    sees the same experts as the forward did.
     """
+
+    live = False
 
     def __init__(self, adapter: FeRAAdapter, strength: float, controls: RoutingControls,
                  start_percent: float = 0.0, end_percent: float = 1.0, trace: RoutingTrace | None = None,
@@ -143,6 +149,8 @@ class FeRARouting:
 
     def _router_on(self, device):
         """Router (float32) and controls on a device, made once per sampling run."""
+        if self.live:
+            return self.adapter.router, self.controls.on(device)
         if device not in self._routers:
             router = copy.deepcopy(self.adapter.router).to(device=device, dtype=torch.float32)
             self._routers[device] = (router, self.controls.on(device))
@@ -153,6 +161,10 @@ class FeRARouting:
 
         Stored column-major, so the .t() taken by add_experts hands BLAS contiguous operands.
         """
+        if self.live:
+            if "live" not in self._experts:
+                self._experts["live"] = self.adapter.layers
+            return _LiveExperts(self._experts["live"], device, dtype)
         key = (device, dtype)
         if key not in self._experts:
             self._experts[key] = {
@@ -163,8 +175,11 @@ class FeRARouting:
 
     def __call__(self, executor, x, t, *args, **kwargs):
         """APPLY_MODEL wrapper: route this call's rows, run the model, forget the routing."""
-        cfg = self.adapter.config
         options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
+        if options.get(EXPERTS_OFF):
+            self.gains = None
+            return executor(x, t, *args, **kwargs)
+        cfg = self.adapter.config
         run = options.get(RUNS_KEY, {}).get(self.key) or _Run(self._window(executor.class_obj.model_sampling))
         router, controls = self._router_on(x.device)
         energies = band_energies(x, cfg.num_bands, cfg.indicator)
@@ -182,7 +197,8 @@ class FeRARouting:
         try:
             return executor(x, t, *args, **kwargs)
         finally:
-            self.gains = None
+            if not self.live:
+                self.gains = None
 
     def hook(self, entries: list[tuple[str, tuple[int, int] | None]]):
         """Forward hook for one ComfyUI layer carrying the experts of `entries`."""
@@ -199,6 +215,17 @@ class FeRARouting:
                 out = add_experts(out, x, down, up, gains, layer, out_slice)
             return out
         return fera_forward_hook
+
+
+class _LiveExperts:
+    """The trainable expert weights, cast per use (differentiably) to the layer's device and dtype."""
+
+    def __init__(self, layers, device, dtype):
+        self.layers, self.device, self.dtype = layers, device, dtype
+
+    def __getitem__(self, path):
+        e = self.layers[path]
+        return e.down.to(self.device, self.dtype), e.up.to(self.device, self.dtype)
 
 
 def apply_fera(patcher, adapter: FeRAAdapter, strength: float = 1.0, controls: RoutingControls | None = None,

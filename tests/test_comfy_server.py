@@ -44,7 +44,9 @@ COMFY_ROOT = comfyui_root()  # skips this whole module without COMFYUI_PATH
 pytestmark = pytest.mark.comfy
 
 PACK_DIR_NAME = "comfyui-fera"
-FERA_NODES = ("LoadFeRAAdapter", "ApplyFeRA", "LoadFeRAModelOnly")
+FERA_NODES = ("LoadFeRAAdapter", "ApplyFeRA", "LoadFeRAModelOnly", "FeRARoutingTrace", "FeRARoutingPlot",
+              "SaveFeRATrace", "FeRALatentBandEnergy", "TrainFeRA", "SaveFeRAAdapter", "BakeFeRAToLoRA",
+              "BakeFeRAToLoRASchedule")
 WORKFLOW = PACK_ROOT / "workflows" / "apply_fera.json"
 WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))  # every one must open from the Templates browser
 REFERENCE = PACK_ROOT.parent / "shared" / "fixtures" / "reference"
@@ -640,7 +642,11 @@ def test_templates_browser_opens_every_workflow(server, object_info):
             browser.wait_for(f"{_CLICK_TEXT_JS}({json.dumps(workflow.stem)}) > 0", timeout=60)
             browser.wait_for(f"JSON.stringify({_GRAPH_TYPES_JS}) === {json.dumps(json.dumps(types, separators=(',', ':')))}",
                              timeout=60)
-            assert browser.eval(_MISSING_NODES_JS) == [], workflow.name
+            # A workflow may use a core node of newer ComfyUI (train_fera.json's image-folder loader):
+            # only such nodes, never the pack's, may be missing on an older host.
+            absent = sorted({t for t in types if t not in object_info})
+            assert not [t for t in absent if "FeRA" in t]
+            assert sorted(set(browser.eval(_MISSING_NODES_JS))) == absent, workflow.name
             shot = Path(tempfile.gettempdir()) / f"fera-template-{workflow.stem}-{server.port}.png"
             browser.screenshot(shot)
             print(f"\n{workflow.name} opened from the Templates browser: {shot}")

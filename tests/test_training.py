@@ -144,6 +144,16 @@ def test_step_runs_base_without_grad_then_experts_with_grad(objective, reference
     assert all(g is not None for g in ups) and any(g.abs().sum() > 0 for g in ups)
 
 
+def test_without_fecl_the_frozen_forward_is_skipped(objective, reference_io):
+    x0, cond = reference_io["target"][:2], reference_io["encoder_hidden_states"][:2]
+    cfg = objective.fera.config
+    cfg.fecl_weight = 0.0
+    out = training_step(objective, x0, cond, cfg, torch.Generator().manual_seed(0))
+    assert objective.calls == [(True, True)]
+    assert out.fecl == 0 and out.mse > 0
+    torch.testing.assert_close(out.loss.detach(), out.mse)
+
+
 def test_loss_falls_and_a_seed_repeats(objective, reference_io):
     """Twenty AdamW steps on two 16 x 16 latents lower the loss on fixed evaluation draws (four seeds,
     identical before and after, so any change is the training) by more than 10% (seen: 19%)."""
