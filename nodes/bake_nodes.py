@@ -14,26 +14,10 @@ from ..fera_core.bake import bake_lora, router_mix, save_lora
 from ..fera_core.bake_schedule import expert_loras, schedule, to_json, trace_steps
 from ..fera_core.bake_workflow import hook_workflow
 from .adapter_nodes import CATEGORY, FeRAAdapterType, routing_controls
+from .files import free_stem
 from .inspect_nodes import FeRATraceType
 SOURCES = ("mix", "expert", "router (latent)", "trace window")
 ROWS = ("all", "cond", "uncond")
-
-
-def free_stem(prefix: str, places: list[tuple[str, list[str]]]) -> str:
-    """`prefix_NNNNN` such that no `folder/stem + suffix` of any (folder, suffixes) place exists yet.
-
-    prefix may name subfolders (created), never a path outside the folders.
-    """
-    for folder, _ in places:
-        root = os.path.abspath(folder)
-        target = os.path.abspath(os.path.join(folder, prefix))
-        if not prefix.strip() or os.path.isabs(prefix) or os.path.commonpath([root, target]) != root or target == root:
-            raise ValueError(f"filename_prefix {prefix!r} must be a relative file name inside {folder}")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-    counter = 1
-    while any(os.path.exists(os.path.join(folder, f"{prefix}_{counter:05}{s}")) for folder, sfx in places for s in sfx):
-        counter += 1
-    return f"{os.path.normpath(prefix)}_{counter:05}"
 
 
 def _rows(rows: str) -> str | None:

@@ -1,4 +1,5 @@
-"""Where adapter files live: models/fera (a registered model folder), with models/loras offered too."""
+"""Where adapter files live: models/fera (a registered model folder), with models/loras offered too;
+and names for the files the pack writes that never overwrite one."""
 from __future__ import annotations
 
 import os
@@ -33,3 +34,20 @@ def load_named_adapter(name: str, reference_alpha: float = 1.0, reference_tau: f
         load_adapter(path, alpha=reference_alpha, tau=reference_tau)
     adapter.file_name = name  # named in routing traces and plots
     return adapter
+
+
+def free_stem(prefix: str, places: list[tuple[str, list[str]]]) -> str:
+    """`prefix_NNNNN` such that no `folder/stem + suffix` of any (folder, suffixes) place exists yet.
+
+    prefix may name subfolders (created), never a path outside the folders.
+    """
+    for folder, _ in places:
+        root = os.path.abspath(folder)
+        target = os.path.abspath(os.path.join(folder, prefix))
+        if not prefix.strip() or os.path.isabs(prefix) or os.path.commonpath([root, target]) != root or target == root:
+            raise ValueError(f"filename_prefix {prefix!r} must be a relative file name inside {folder}")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+    counter = 1
+    while any(os.path.exists(os.path.join(folder, f"{prefix}_{counter:05}{s}")) for folder, sfx in places for s in sfx):
+        counter += 1
+    return f"{os.path.normpath(prefix)}_{counter:05}"

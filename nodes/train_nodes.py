@@ -16,7 +16,7 @@ from ..fera_core.config import FeRAConfig
 from ..fera_core.experts import RoutedExperts
 from ..fera_core.indicator import DEFINITIONS, PARTITION
 from .adapter_nodes import CATEGORY, FeRAAdapterType
-from .files import FOLDER
+from .files import FOLDER, free_stem
 from .keys import diffusers_to_comfy
 from .routing import apply_fera
 from .training import TrainSettings, train
@@ -206,16 +206,6 @@ def joined_conditioning(positive) -> list:
     return positive
 
 
-def next_free_path(directory: str, prefix: str) -> str:
-    """<prefix>_00001_.safetensors, the first counter no file has (existing files are never overwritten)."""
-    counter = 1
-    while True:
-        path = os.path.join(directory, f"{prefix}_{counter:05}_.safetensors")
-        if not os.path.exists(path):
-            return path
-        counter += 1
-
-
 class SaveFeRAAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -237,11 +227,7 @@ class SaveFeRAAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, fera_adapter, filename_prefix: str) -> io.NodeOutput:
         root = folder_paths.get_folder_paths(FOLDER)[0]
-        path = os.path.abspath(os.path.join(root, filename_prefix))
-        if os.path.commonpath([path, os.path.abspath(root)]) != os.path.abspath(root):
-            raise ValueError(f"filename_prefix {filename_prefix!r} points outside models/{FOLDER}")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        target = next_free_path(os.path.dirname(path), os.path.basename(path))
+        target = os.path.join(root, free_stem(filename_prefix, [(root, ["_.safetensors"])]) + "_.safetensors")
         save_adapter(fera_adapter, target)
         name = os.path.relpath(target, root)
         return io.NodeOutput(ui=ui.PreviewText(f"saved models/{FOLDER}/{name}"))

@@ -63,10 +63,10 @@ def test_folder_check_sees_what_would_shadow_or_pollute_templates(tmp_path, plan
     assert any(problem in p for p in problems), problems
 
 
-def test_readme_first_command_runs_on_the_shipped_example():
+def test_readme_info_command_runs_on_the_shipped_example():
     """The README's info command reads the example adapter where the pack ships it."""
     readme = (PACK_ROOT / "README.md").read_text()
-    command = re.search(r"python -m fera_core info (\S+)", readme)
+    command = re.search(r"python -m fera_core info ([^\s`]+)", readme)
     assert command, "README has no `python -m fera_core info FILE` command"
     args = shlex.split(command.group(0))[1:]
     assert (PACK_ROOT / args[-1]).is_file(), args[-1]
