@@ -4,10 +4,13 @@ Not part of CI (minutes to an hour). Run it when changing those modules or their
 
     pip install -r requirements-mutation.txt   # into the env that runs the tests
     python tests/mutation.py core
-    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-python tests/mutation.py nodes   # does not run yet: tests/MUTATION.md
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-python tests/mutation.py nodes
 
 Each run works in a fresh copy of the tracked files (default /tmp/fera-mutation-<target>), so the
-worktree never gets a mutants/ folder and core and nodes runs do not share state. The config is
+worktree never gets a mutants/ folder and core and nodes runs do not share state. mutmut names a
+mutant by its file's path, and the host tests import the glue as the package ComfyUI sees
+(`fera_pack.nodes.routing`, tests/comfy_host.py), so for the nodes target the copy is laid out
+as `fera_pack/...` and the two names agree. The config is
 written to that copy's setup.cfg (mutmut reads pyproject.toml's [tool.mutmut] first; the copy's
 pyproject has none). It prints every surviving mutant and the score = killed / all mutants;
 `mutmut show NAME` in the copy prints a mutant's diff.
@@ -22,6 +25,8 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+
+from comfy_host import PACK_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +43,7 @@ TARGETS = {
 }
 
 
-def _setup_cfg(sources, mutate, tests, extra) -> str:
+def _setup_cfg(sources, mutate, tests, extra, prefix) -> str:
     def lines(values):
         return "".join(f"\n    {v}" for v in values)
     return (
@@ -48,10 +53,12 @@ def _setup_cfg(sources, mutate, tests, extra) -> str:
         f"pytest_add_cli_args_test_selection ={lines(tests)}\n"
         # the fast tests only: slow ones write GB-sized checkpoints or start servers
         f"pytest_add_cli_args =\n    -m\n    not slow\n    -p\n    no:cacheprovider{lines(extra)}\n"
-        "also_copy =\n    __init__.py\n    web\n    workflows\n"
+        f"also_copy ={lines(prefix + p for p in ('tests', '__init__.py', 'web', 'workflows'))}\n"
         # torch is not fork-safe once it has started its thread pools
         "process_isolation = forkserver\n"
         "use_git_change_detection = false\n"
+        # the tests import fera_core top-level too (pyproject's pythonpath, which the copy lacks)
+        + (f"\n[tool:pytest]\npythonpath = {prefix}\n" if prefix else "")
     )
 
 
@@ -69,14 +76,16 @@ def main() -> int:
     work = args.workdir or Path(f"/tmp/fera-mutation-{args.target}")
     if work.exists():
         shutil.rmtree(work)
+    prefix = f"{PACK_NAME}/" if needs_comfy else ""  # the package name the host tests import
     tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                              check=True, capture_output=True, text=True).stdout.split("\n")
     for name in filter(None, tracked):
         if (ROOT / name).is_file():
-            (work / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, work / name)
-    (work / "setup.cfg").write_text(_setup_cfg(sources, mutate, [t for t in tests if (ROOT / t).is_file()],
-                                               pytest_args))
+            (work / prefix / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, work / prefix / name)
+    (work / "setup.cfg").write_text(_setup_cfg(
+        [prefix + s for s in sources], [prefix + m for m in mutate],
+        [prefix + t for t in tests if (ROOT / t).is_file()], pytest_args, prefix))
 
     mutmut = [sys.executable, "-m", "mutmut"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
