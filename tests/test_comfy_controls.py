@@ -15,7 +15,7 @@ setup_comfy()
 from fera_core import RoutingControls, band_energies  # noqa: E402
 from fera_core.model import FeRALayer  # noqa: E402
 from fera_core.trace import RoutingTrace  # noqa: E402
-from test_comfy_apply import adapter, make_adapter, patcher, sample, tiny_patcher  # noqa: E402,F401 (fixtures)
+from test_comfy_apply import adapter, conds, latents, make_adapter, patcher, sample, tiny_patcher  # noqa: E402,F401
 
 keys = pack_module("nodes.keys")
 apply_fera = pack_module("nodes.routing").apply_fera
@@ -86,6 +86,29 @@ def test_partial_sigma_window_routes_only_the_steps_inside_it(patcher, adapter):
     plain = sample(patcher, steps=steps, denoise=1.0)
     assert (got - full).abs().max() > EFFECT and (got - plain).abs().max() > EFFECT
 
+
+
+def test_sigma_window_includes_its_edges(patcher, adapter):
+    """A step whose sigma is exactly start's or end's is inside, as in ComfyUI's ControlNet and
+    conditioning timestep ranges (lo <= sigma <= hi). The schedule is the two edges, a sigma
+    between them and one outside each."""
+    import comfy.sample
+    import comfy.samplers
+
+    start, end = 0.25, 0.75
+    sampling = patcher.model.model_sampling
+    sigmas = torch.tensor([sampling.percent_to_sigma(p) for p in (0.1, start, 0.5, end, 0.9)] + [0.0])
+    trace = RoutingTrace()
+    pos, neg = conds()
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    comfy.sample.sample_custom(apply_fera(patcher, adapter, 1.0, start_percent=start, end_percent=end, trace=trace),
+                               noise, 5.0, comfy.samplers.sampler_object("euler"), sigmas, pos, neg, latents(),
+                               disable_pbar=True, seed=7)
+    calls = {}
+    for row in trace.rows():
+        calls.setdefault(row["call"], []).append((row["sigma"], any(w != 0 for w in row["weights"])))
+    assert [rows[0][0] for rows in calls.values()] == sigmas[:-1].tolist()  # the model saw the edges exactly
+    assert [all(on for _, on in rows) for rows in calls.values()] == [False, True, True, True, False]
 
 def _expected_route(adapter, case):
     """The expert weights (times strength) each Apply FeRA setting must give, from its definition."""
