@@ -86,9 +86,8 @@ class FeRARouting:
 
     live = False
 
-    def __init__(self, adapter: FeRAAdapter, strength: float, controls: RoutingControls,
-                 start_percent: float = 0.0, end_percent: float = 1.0, trace: RoutingTrace | None = None,
-                 tracing: bool | None = None, name: str | None = None):
+    def __init__(self, adapter: FeRAAdapter, strength: float, controls: RoutingControls, start_percent: float,
+                 end_percent: float, trace: RoutingTrace | None, tracing: bool | None, name: str | None):
         self.adapter, self.strength, self.controls = adapter, strength, controls.check(adapter.config.num_experts)
         if not 0.0 <= start_percent <= end_percent <= 1.0:
             raise ValueError(f"need 0 <= start_percent <= end_percent <= 1, got {start_percent}, {end_percent}")

@@ -115,8 +115,8 @@ def _expected_route(adapter, case):
     n = adapter.config.num_experts
     if case == "temperature":
         return softmax_router(adapter, tau=0.2)
-    if case == "force_expert":
-        return lambda e, _s: torch.eye(n)[2].expand(e.shape[0], n)
+    if case.startswith("force_expert"):  # 0 is an expert too; -1 means none
+        return lambda e, _s: torch.eye(n)[NODE_SETTINGS[case]["force_expert"]].expand(e.shape[0], n)
     if case == "mix":  # normalised to sum 1
         return lambda e, _s: torch.tensor([0.25, 0.5, 0.25]).expand(e.shape[0], n)
     if case == "gains":  # after the softmax, not renormalised
@@ -127,7 +127,8 @@ def _expected_route(adapter, case):
 
 
 NODE_SETTINGS = {"temperature": dict(temperature=0.2), "force_expert": dict(force_expert=2),
-                 "mix": dict(mix="1, 2, 1"), "gains": dict(gains="1, 0, 2.5"), "strength": dict(strength=4.0)}
+                 "force_expert_0": dict(force_expert=0), "mix": dict(mix="1; 2, 1"),  # ';' separates too
+                 "gains": dict(gains="1, 0, 2.5"), "strength": dict(strength=4.0)}
 
 
 @pytest.fixture(scope="module")

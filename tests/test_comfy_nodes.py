@@ -87,8 +87,10 @@ def test_apply_and_model_only_nodes_patch_a_clone(models_dir):
     (dict(mix="-1, 1, 1"), "mix must be non-negative"),
     (dict(gains="1, 2"), "gains needs one value per expert (3)"),
     (dict(force_expert=5), "forced expert 5 is out of range 0..2"),
-    (dict(force_expert=1, mix="1, 0, 0"), "either force_expert or mix"),
+    (dict(force_expert=0, mix="1, 0, 0"), "set either force_expert or mix, not both"),
+    (dict(gains="1, x"), "gains: '1, x' is not a comma-separated list of numbers"),
     (dict(start_percent=0.9, end_percent=0.1), "start_percent <= end_percent"),
+    (dict(start_percent=0.5, end_percent=1.5), "need 0 <= start_percent <= end_percent <= 1, got 0.5, 1.5"),
 ])
 def test_apply_refuses_bad_controls_without_patching(kwargs, message):
     patcher = tiny_patcher()
@@ -98,6 +100,14 @@ def test_apply_refuses_bad_controls_without_patching(kwargs, message):
         nodes.ApplyFeRA.execute(patcher, adapter, 1.0, **args)
     assert message in str(err.value)
     assert not patcher.object_patches and not patcher.wrappers
+
+
+def test_a_zero_width_window_is_accepted():
+    """start == end is a window, as in ComfyUI's ControlNet (empty unless a step's sigma is exactly on it)."""
+    patcher = tiny_patcher()
+    patched = nodes.ApplyFeRA.execute(patcher, make_adapter(patcher.model), 1.0, temperature=0.0, force_expert=-1,
+                                      mix="", gains="", start_percent=0.5, end_percent=0.5).args[0]
+    assert routing.routings_of(patched)[0].start_percent == routing.routings_of(patched)[0].end_percent == 0.5
 
 
 def test_loader_errors_name_the_file(models_dir):
