@@ -6,9 +6,9 @@ Apply FeRA's own wrapper and hooks (nodes/routing.py) in live mode: what is trai
 runs at sampling time. Each step is fera_core.training.training_step (MSE + FECL in the
 model's prediction space, the frozen model being the same network with the experts off).
 
-Nothing is copied but the adapter: frozen weights are never duplicated. Weights ComfyUI
-loaded under inference mode cannot be saved for backward, so for the session they are
-swapped for aliases of the same storage and swapped back in `finally`.
+Nothing is copied but the adapter: frozen weights are never duplicated, and never get a
+gradient. Weights ComfyUI loaded under inference mode cannot be saved for backward, so for the
+session they are swapped for aliases of the same storage and swapped back in `finally`.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class TrainSettings:
     batch_size: int = 1
     grad_accumulation: int = 1
     seed: int = 0
-    dtype: torch.dtype | None = None  # autocast dtype; None trains in the model's float32 compute
+    dtype: torch.dtype | None = None  # the model's compute dtype (and autocast's); None: float32
     gradient_checkpointing: bool = False
     diff_tuning: bool = False
 
@@ -78,9 +78,15 @@ def _fresh(obj):
 
 
 @contextmanager
-def autograd_aliases(module: nn.Module):
-    """Swap inference-mode parameters and buffers for plain tensors on the same storage (no copy)."""
-    swapped = []
+def frozen(module: nn.Module):
+    """The model's weights as constants for autograd, for the session (no copy).
+
+    Inference-mode tensors (weights ComfyUI loaded in a node) cannot be saved for backward: they
+    are swapped for plain tensors on the same storage. Parameters that require grad (a model
+    built outside inference mode) are switched off, or backward would compute a gradient for
+    every frozen weight. Both are undone in `finally`.
+    """
+    swapped, switched = [], []
     for mod in module.modules():
         for store in (mod._parameters, mod._buffers):
             for name, t in list(store.items()):
@@ -89,9 +95,13 @@ def autograd_aliases(module: nn.Module):
                         t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
                     store[name] = nn.Parameter(alias, requires_grad=False) if isinstance(t, nn.Parameter) else alias
                     swapped.append((store, name, t))
+                elif isinstance(t, torch.Tensor) and t.requires_grad:
+                    switched.append(t.requires_grad_(False))
     try:
         yield
     finally:
+        for t in switched:
+            t.requires_grad_(True)
         for store, name, t in reversed(swapped):
             store[name] = t
 
@@ -157,7 +167,7 @@ class FeRATrainSampler(comfy.samplers.Sampler):
         optimizer = torch.optim.AdamW(params, lr=s.learning_rate)
         n, per_step = x0_all.shape[0], min(s.batch_size, x0_all.shape[0])
         n_ret = 0 if retention is None else max(1, per_step // 4)
-        with autograd_aliases(inner), checkpointed_blocks(inner.diffusion_model, s.gradient_checkpointing):
+        with frozen(inner), checkpointed_blocks(inner.diffusion_model, s.gradient_checkpointing):
             for step in range(s.steps):
                 comfy.model_management.throw_exception_if_processing_interrupted()
                 total = torch.zeros((), device=device)
@@ -240,6 +250,8 @@ def train(patcher, adapter: FeRAAdapter, latents: torch.Tensor, positive: list, 
                          None if retention is None else retention.clone().float(), retention_cond)
         adapter = copy.deepcopy(adapter).to(patcher.load_device, torch.float32).requires_grad_(True)
         clone = apply_fera(patcher, adapter, 1.0)
+        if settings.dtype is not None:  # as TrainLoraNode: every op in that dtype, not only autocast's list
+            clone.set_model_compute_dtype(settings.dtype)
         for routing in clone.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
             if isinstance(routing, FeRARouting):
                 routing.live = True

@@ -126,6 +126,36 @@ def _params(adapter):
     return {k: v.detach().clone() for k, v in adapter.state_dict().items()}
 
 
+def test_frozen_weights_get_no_gradient_and_keep_their_flags():
+    """A model built outside inference mode has weights that require grad. Training must not compute
+    their gradients (the work of a full backward, and a gradient the size of the model) and must leave
+    the flags as they were."""
+    patcher = tiny_model("sd15", 0)
+    weights = list(patcher.model.parameters())
+    assert all(w.requires_grad and not w.is_inference() for w in weights)  # the case under test
+    lat, pos = data("sd15")
+    train(patcher, adapter_for(patcher), lat, pos, steps=2)
+    assert sum(w.grad is not None for w in weights) == 0
+    assert all(w.requires_grad for w in weights)
+
+
+def test_bf16_training_runs_the_network_in_bf16_and_leaves_the_model_as_it_was():
+    """training_dtype as in TrainLoraNode: the model's compute dtype for the session (every op, not
+    only autocast's list, so norms and attention run in bf16 too), on the session's clone only."""
+    patcher = tiny("sd15")
+    before = patcher.model.manual_cast_dtype
+    seen = set()
+    layer = patcher.model.diffusion_model.input_blocks[0][0]  # conv_in: autocast alone hands it float32
+    hook = layer.register_forward_pre_hook(lambda _m, args: seen.add(args[0].dtype))
+    lat, pos = data("sd15")
+    try:
+        train(patcher, adapter_for(patcher), lat, pos, steps=2, dtype=torch.bfloat16)
+    finally:
+        hook.remove()
+    assert seen == {torch.bfloat16}
+    assert patcher.model.manual_cast_dtype is before and "manual_cast_dtype" not in patcher.object_patches
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_fixed_seed_reproduces_exactly(checkpointing):
     patcher = tiny("sd15")
