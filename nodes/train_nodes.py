@@ -128,7 +128,7 @@ class TrainFeRA(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the expert initialisation, image order, noise levels and noise."),
                 io.Combo.Input("training_dtype", options=list(DTYPES), default="bf16",
-                               tooltip="Compute dtype of the forward passes (autocast); the adapter stays fp32."),
+                               tooltip="Compute dtype of the model while training (as in Train LoRA); the adapter stays fp32."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute activations in backward: much less memory, about one more forward."),
                 io.Boolean.Input("diff_tuning", default=False,
