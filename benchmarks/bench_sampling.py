@@ -160,10 +160,14 @@ class Case:
                              effect=(got - plain).abs().max().item())
 
     def run(self, rounds):
-        """Interleaved A (plain), B (FeRA) samples: {'sample': (a, b), 'call': (a, b)} lists of seconds."""
+        """Interleaved A (plain), B (FeRA) samples: {'sample': (a, b), 'call': (a, b)} lists of seconds.
+
+        Rounds alternate AB, BA, ...: whatever the second sample of a pair gains or loses from the first
+        (caches, memory, the clock of a shared machine) falls on A and B equally often.
+        """
         out = {"sample": ([], []), "call": ([], [])}
-        for _ in range(rounds):
-            for patcher, i in ((self.plain, 0), (self.fera, 1)):
+        for r in range(rounds):
+            for patcher, i in ((self.plain, 0), (self.fera, 1))[::1 if r % 2 == 0 else -1]:
                 dt, calls, _ = self.sample(patcher)
                 out["sample"][i].append(dt)
                 out["call"][i].extend(calls)

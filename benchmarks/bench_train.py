@@ -1,6 +1,7 @@
 """Training cost of Train FeRA against ComfyUI's own LoRA trainer, in one process (CPU, 2 threads).
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_train.py [--steps N] [--rounds R] [--size S]
+        [--dtype bf16|fp32] [--no-checkpointing]
 
 Not a test: prints a compact table. Both trainers run on the same SD1.5-architecture model
 built from ComfyUI's own classes (model_channels 64, two levels, random float32 weights), the
@@ -10,8 +11,11 @@ to_out.0 of every attention) and the same total rank: FeRA 3 experts x rank 4 ag
 12. The baseline is TrainLoraNode's method: ComfyUI's LoRA train adapter (comfy.weight_adapter,
 added with add_weight_wrapper) driven by comfy_extras.nodes_train.TrainSampler under
 Guider_Basic; TrainLoraNode itself adapts every weight and bias of the model, so its layer set
-is narrowed to FeRA's here (the node offers no choice). Both run in float32 without gradient
-checkpointing (--checkpointing: both with it).
+is narrowed to FeRA's here (the node offers no choice). Both run at their nodes' shared defaults,
+bf16 autocast and gradient checkpointing on (TrainLoraNode also computes the model and keeps its
+LoRA in bf16, as its defaults do); --dtype fp32 --no-checkpointing measures the other end, where
+FECL's share is largest (with frozen weights, backward costs about one forward, so a no-grad
+forward adds ~1/2 of a step there, and ~1/3 of one when checkpointing recomputes the forward).
 
 Measured per run: seconds per optimizer step (median over the steps after 2 warm-up steps) and
 the peak resident memory added by training (VmHWM reset through /proc/self/clear_refs, after
@@ -30,6 +34,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,21 +121,35 @@ class Meter:
         self.step_s = statistics.median(steps)
 
 
-def run_lora(patcher, lat, pos, steps, checkpointing):
+@contextmanager
+def comfy_checkpointing(diffusion_model, enabled):
+    """TrainLoraNode's own gradient checkpointing (comfy_extras.nodes_train.patch), for the session."""
+    blocks = nodes_train.find_all_highest_child_module_with_forward(diffusion_model) if enabled else []
+    for block in blocks:
+        nodes_train.patch(block)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            nodes_train.unpatch(block)
+
+
+def run_lora(patcher, lat, pos, steps, checkpointing, dtype):
     paths = [p for p, _ in keys.diffusers_to_comfy(patcher.model).values()
              if p.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
     mp = patcher.clone()
     params = []
     for path in paths:
         adapter = adapter_maps["LoRA"].create_train(mp.model.get_submodule(path).weight, rank=EXPERTS * RANK,
-                                                    alpha=1.0)
+                                                    alpha=1.0).to(dtype)  # its lora_dtype
         mp.add_weight_wrapper(f"{path}.weight", adapter)
         params += list(adapter.parameters())
     mp.model.requires_grad_(False)
+    mp.set_model_compute_dtype(dtype)  # as TrainLoraNode does with its training_dtype
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    with Meter() as meter, training.checkpointed_blocks(mp.model.diffusion_model, checkpointing):
+    with Meter() as meter, comfy_checkpointing(mp.model.diffusion_model, checkpointing):
         sampler = nodes_train.TrainSampler(torch.nn.MSELoss(), optimizer, loss_callback=meter.tick, batch_size=1,
-                                           grad_acc=1, total_steps=steps, seed=0, training_dtype=torch.float32)
+                                           grad_acc=1, total_steps=steps, seed=0, training_dtype=dtype)
         guider = Guider_Basic(mp)
         guider.set_conds(pos * lat.shape[0])  # TrainLoraNode's expansion to one conditioning per image
         guider.sample(torch.zeros_like(lat), lat, sampler, torch.arange(lat.shape[0]), seed=0, disable_pbar=True)
@@ -167,10 +186,11 @@ class FeclClock:
         objective_mod.ComfyObjective.predict, core_training.fera_loss = self._predict, self._loss
 
 
-def run_fera(patcher, lat, pos, steps, checkpointing, fecl_weight=0.1):
+def run_fera(patcher, lat, pos, steps, checkpointing, dtype, fecl_weight=0.1):
     adapter = train_nodes.new_adapter(patcher.model, "attention", RANK, 4.0, EXPERTS, 3, 0.7, "partition",
                                       fecl_weight, 0)
-    settings = training.TrainSettings(steps=steps, learning_rate=1e-4, batch_size=1, seed=0, dtype=None,
+    settings = training.TrainSettings(steps=steps, learning_rate=1e-4, batch_size=1, seed=0,
+                                      dtype=None if dtype == torch.float32 else dtype,
                                       gradient_checkpointing=checkpointing)
     with Meter() as meter, FeclClock() as clock:
         training.train(patcher, adapter, lat, pos, settings, progress=meter.tick)
@@ -184,22 +204,25 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="training dtype (both nodes: bf16)")
+    ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                    help="both without gradient checkpointing (both nodes: on)")
     args = ap.parse_args()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     patcher = model()
     lat, pos = data(args.size)
     lora, fera, plain, clocks = [], [], [], []
     for _ in range(args.rounds):
-        m, n_lora = run_lora(patcher, lat, pos, args.steps, args.checkpointing)
+        m, n_lora = run_lora(patcher, lat, pos, args.steps, args.checkpointing, dtype)
         lora.append(m)
-        m, n_fera, clock = run_fera(patcher, lat, pos, args.steps, args.checkpointing)
+        m, n_fera, clock = run_fera(patcher, lat, pos, args.steps, args.checkpointing, dtype)
         fera.append(m)
         clocks.append(clock)
-        plain.append(run_fera(patcher, lat, pos, args.steps, args.checkpointing, fecl_weight=0.0)[0])
+        plain.append(run_fera(patcher, lat, pos, args.steps, args.checkpointing, dtype, fecl_weight=0.0)[0])
     med = lambda runs, attr: statistics.median(getattr(r, attr) for r in runs)
     t_a, t_b, m_a, m_b = med(lora, "step_s"), med(fera, "step_s"), med(lora, "peak_mb"), med(fera, "peak_mb")
     print(f"SD1.5-architecture model (model_channels 64), batch 1 x 4 x {args.size} x {args.size}, "
-          f"{args.steps} steps x {args.rounds} rounds, checkpointing {'on' if args.checkpointing else 'off'}, "
+          f"{args.steps} steps x {args.rounds} rounds, {args.dtype}, checkpointing {'on' if args.checkpointing else 'off'}, "
           f"torch {torch.__version__}")
     print(f"{'':24}{'s/step':>10}{'peak MB':>10}{'params':>10}")
     print(f"{'A: LoRA rank 12':24}{t_a:10.3f}{m_a:10.1f}{n_lora:10d}")

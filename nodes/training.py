@@ -132,9 +132,9 @@ def checkpointed_blocks(diffusion_model: nn.Module, enabled: bool):
     """Recompute each block's activations in backward instead of keeping them (for the session)."""
     blocks = list(_blocks(diffusion_model)) if enabled else []
     for block in blocks:
-        def run(*args, _forward=_fresh_inputs(block.forward), **kwargs):
-            if not torch.is_grad_enabled():
-                return _forward(*args, **kwargs)
+        def run(*args, _block=block.forward, _forward=_fresh_inputs(block.forward), **kwargs):
+            if not torch.is_grad_enabled():  # FECL's frozen forward: nothing to recompute
+                return _block(*args, **kwargs)
             return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
         block.forward = run
     try:
