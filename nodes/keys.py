@@ -52,7 +52,7 @@ def diffusers_to_comfy(model) -> dict[str, tuple[str, tuple[int, int] | None]]:
     a low-rank delta cannot be applied to such a layer as a plain row slice.
     """
     out = {}
-    for dkey, target in _raw_map(model).items():
+    for dkey, target in sorted(_raw_map(model).items()):  # the same order whatever PYTHONHASHSEED
         if not dkey.endswith(".weight"):
             continue
         rows = None

@@ -253,16 +253,36 @@ def test_layers_that_cast_weights_per_call(patcher, adapter):
             m.comfy_cast_weights = False
 
 
+def test_half_precision_adapter_runs_in_float32_and_is_left_as_it_was(patcher, adapter):
+    """A file may store the adapter in float16: sampling routes with a float32 copy of its router and
+    casts its experts per run, and the loaded adapter itself keeps its dtype and values (another
+    Apply FeRA may share it). Against the same rounded values in float32: equal to 1e-6, while the
+    adapter's effect on the sample is >1e-2."""
+    import copy
+
+    half = copy.deepcopy(adapter).to(torch.float16)
+    before = {k: v.clone() for k, v in half.state_dict().items()}
+    got = sample(apply_fera(patcher, half, 1.0))
+    want = sample(apply_fera(patcher, copy.deepcopy(half).float(), 1.0))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert (got - sample(patcher)).abs().max() > 1e-2
+    after = half.state_dict()
+    assert all(after[k].dtype == torch.float16 and torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_adapter_that_does_not_fit_is_refused_without_patching(patcher, adapter):
-    bogus = FeRAAdapter(adapter.config, {**adapter.layers,
-                                         "mid_block.attentions.9.transformer_blocks.0.attn1.to_q": RoutedExperts(64, 64),
-                                         "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": RoutedExperts(7, 64)})
+    """Four layers the model lacks and three of other shapes: the message counts both, shows the first
+    three missing names and the first two misfits (each naming its layer), and nothing is patched."""
+    missing = [f"mid_block.attentions.{i}.transformer_blocks.0.attn1.to_q" for i in range(9, 13)]
+    misfits = list(adapter.layers)[:3]  # reported in the adapter's order
+    bogus = FeRAAdapter(adapter.config, {**adapter.layers, **{p: RoutedExperts(64, 64) for p in missing},
+                                         **{p: RoutedExperts(7, 64) for p in misfits}})
     before = (dict(patcher.object_patches), {k: dict(v) for k, v in patcher.wrappers.items()})
     with pytest.raises(routing_mod.AdapterMismatchError) as err:
         apply_fera(patcher, bogus, 1.0)
     msg = str(err.value)
-    n = len(adapter.layers)  # one layer added, one existing layer replaced by a misfit
-    assert f"{n - 1} of {n + 1} layers match, 1 have no counterpart" in msg and "1 have other shapes" in msg
-    assert "does not fit this SD1.5 model" in msg
-    assert "mid_block.attentions.9" in msg and "in 7" in msg and "Nothing was patched" in msg
+    n = len(adapter.layers)
+    assert f"{n - 3} of {n + 4} layers match, 4 have no counterpart (e.g. {missing[:3]}), 3 have other shapes (e.g. [" in msg
+    assert "does not fit this SD1.5 model" in msg and msg.endswith("]). Nothing was patched.")
+    assert missing[3] not in msg and [f"experts for {p} have in 7" in msg for p in misfits] == [True, True, False]
     assert (dict(patcher.object_patches), {k: dict(v) for k, v in patcher.wrappers.items()}) == before
