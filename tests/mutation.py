@@ -39,7 +39,7 @@ TARGETS = {
     "nodes": (["nodes", "fera_core"], ["nodes/routing.py", "nodes/keys.py", "nodes/adapter_nodes.py"],
               ["tests/test_comfy_controls.py", "tests/test_comfy_families.py", "tests/test_comfy_keys.py",
                "tests/test_comfy_nodes.py", "tests/test_comfy_apply.py", "tests/test_comfy_trace.py",
-               "tests/test_comfy_inspect.py", "tests/test_comfy_train.py"], True),
+               "tests/test_comfy_train.py"], True),
 }
 
 

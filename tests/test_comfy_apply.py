@@ -161,11 +161,13 @@ def test_failed_sampling_leaves_base_intact(patcher, adapter):
 
     state = base_state(patcher.model)
     plain = sample(patcher)
+    failing = apply_fera(patcher, adapter, 1.0, trace=Exploding(), tracing=True)
     with pytest.raises(RuntimeError, match="boom"):
-        sample(apply_fera(patcher, adapter, 1.0, trace=Exploding()))
+        sample(failing)
     comfy.model_management.unload_all_models()
     assert_base_intact(patcher.model, state)
     assert torch.equal(sample(patcher), plain)
+    assert not routing_mod.routings_of(failing)[0].log.runs  # a failed run is nobody's trace
 
 
 def test_two_fera_models_do_not_share_routing(patcher, adapter):

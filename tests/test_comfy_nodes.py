@@ -110,6 +110,19 @@ def test_a_zero_width_window_is_accepted():
     assert routing.routings_of(patched)[0].start_percent == routing.routings_of(patched)[0].end_percent == 0.5
 
 
+def test_apply_names_traces_after_the_adapter_file():
+    """Traces and plots name the adapter by the file it was loaded from, else by its base model."""
+    patcher = tiny_patcher()
+    adapter = make_adapter(patcher.model)
+    controls = dict(temperature=0.0, force_expert=-1, mix="", gains="", start_percent=0.0, end_percent=1.0)
+    unnamed = nodes.ApplyFeRA.execute(patcher, adapter, 1.0, **controls).args[0]
+    adapter.file_name = "mine.safetensors"
+    named = nodes.ApplyFeRA.execute(patcher, adapter, 1.0, **controls).args[0]
+    adapter.config.base_model = ""
+    assert routing.routings_of(named)[0].meta()["adapter"] == "mine.safetensors"
+    assert routing.routings_of(unnamed)[0].meta()["adapter"] == "FeRA adapter (unknown base)"
+
+
 def test_loader_errors_name_the_file(models_dir):
     (models_dir / "loras" / "plain_lora.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(core.AdapterFileError, match="plain_lora.safetensors"):

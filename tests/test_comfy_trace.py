@@ -121,6 +121,35 @@ def test_fingerprint_survives_device_moves_and_float_casts(patcher, adapter):
     assert fera.log.find(out[:1]) is None  # another shape
 
 
+def test_tracing_changes_nothing_and_keeps_the_callers_callback(patcher, adapter):
+    """A traced run gives the untraced run's latent with a seeded ancestral sampler (the seed and the other
+    arguments reach the sampler), calls the caller's step callback at every step, and keeps its own
+    schedule. Same computation in one process: 1e-6, while another seed moves the latent by O(1).
+    Its metadata: no window for the default 0..1, the adapter's indicator."""
+    pos, neg = conds()
+    steps = {}
+
+    def go(model, key):
+        steps[key] = []
+        out = comfy.sample.sample(model, spectra_noise(7), 4, 5.0, "euler_ancestral", "normal", pos, neg,
+                                  torch.zeros(2, 4, 8, 8), seed=7, disable_pbar=True,
+                                  callback=lambda step, *_: steps[key].append(step))
+        comfy.model_management.unload_all_models()
+        return out
+
+    off = go(routing.apply_fera(patcher, adapter, 1.0, tracing=False), "off")
+    model = routing.apply_fera(patcher, adapter, 1.0, tracing=True)
+    on = go(model, "on")
+    torch.testing.assert_close(on, off, rtol=0, atol=1e-6)
+    assert steps["on"] == steps["off"] == [0, 1, 2, 3]
+    (fera,) = routing.routings_of(model)
+    trace = fera.log.find(on).trace
+    sigmas = comfy.samplers.calculate_sigmas(patcher.model.model_sampling, "normal", 4)
+    torch.testing.assert_close(trace.schedule.cpu(), sigmas, rtol=0, atol=0)
+    assert trace.meta["settings"] == {"strength": 1.0, "tau": adapter.config.router_tau}
+    assert trace.meta["indicator"] == adapter.config.indicator and trace.meta["adapter"] == "FeRA adapter (sd15)"
+
+
 def test_tracing_off_records_nothing(patcher, adapter):
     """Outside a prompt with a trace node (here: no server at all) a run makes no TracedRun."""
     model = routing.apply_fera(patcher, adapter, 1.0)
