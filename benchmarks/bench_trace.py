@@ -1,9 +1,10 @@
 """Sampling-time cost of routing traces in a real ComfyUI host (CPU, 2 threads).
 
-    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_trace.py [--rounds N] [--steps S]
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_trace.py [--rounds N] [--steps S] [--size L]
+        [--threads T]
 
 Not a test: prints a compact table. The full-size SD1.5 UNet and adapter of bench_sampling.py
-(random weights, batch 1 with CFG, 64x64 latent, euler, 3 steps by default) with FeRA applied twice: tracing
+(random weights, batch 1 with CFG, euler) with FeRA applied twice: tracing
 off (A: what every workflow without a trace node runs) and tracing on (B: a TracedRun per sample,
 records per call, step counting through the sampler callback, packing and the output fingerprint
 at the end; no live events, there is no websocket client). A and B alternate in one process after a
@@ -13,7 +14,11 @@ the position effect (second sample of a pair against the first), and the time sp
 tracing code itself (timed around each of its entry points), as a share of a sample. Target:
 B/A <= 1.01.
 
-Runtime: about 47 s per sample on 2 CPU cores; --rounds (default 4) pairs take ~6-7 minutes.
+Defaults: a 32x32 latent, 1 step per sample, 40 pairs (about 4-5 minutes on 2 CPU cores). Tracing
+costs per model call and per run, never per pixel, so a small latent and one-step runs give it its
+largest share of a sample (the ratio bounds larger images and longer runs), and they let one run
+hold enough pairs to resolve 1% against this kind of machine's 3-5% noise per model call
+(--size 64 --steps 3 takes ~40 s per sample; 4 pairs there cannot tell 1.01 from 1.02).
 """
 from __future__ import annotations
 
@@ -48,10 +53,11 @@ def instrument(seconds: list[float]):
 
 
 def main(argv):
-    rounds = int(argv[argv.index("--rounds") + 1]) if "--rounds" in argv else 4
-    steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else 3
+    option = lambda name, default: int(argv[argv.index(name) + 1]) if name in argv else default  # noqa: E731
+    rounds, steps, size = option("--rounds", 40), option("--steps", 1), option("--size", 32)
+    torch.set_num_threads(option("--threads", torch.get_num_threads()))
     sp, adapter = sd15_patcher(), sd15_adapter()
-    case = Case("sd15", sp, adapter, torch.zeros(1, 4, 64, 64), 768, steps=steps)
+    case = Case("sd15", sp, adapter, torch.zeros(1, 4, size, size), 768, steps=steps)
     case.plain = routing.apply_fera(sp, adapter, 1.0, tracing=False)  # A: tracing off
     case.fera = routing.apply_fera(sp, adapter, 1.0, tracing=True)  # B: tracing on
     inside = [0.0]
@@ -65,16 +71,18 @@ def main(argv):
     inside[0] = 0.0
     print(f"[warm-up done: {len(rows)} traced rows; {rounds} rounds follow]", flush=True)
     timings = case.run(rounds)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; full-size SD1.5, 1x4x64x64 latent with "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; full-size SD1.5, 1x4x{size}x{size} latent with "
           f"CFG, euler {steps} steps, {len(adapter.layers)} adapted layers; {rounds} rounds of A (tracing off) and B "
           "(tracing on), interleaved")
     print(f"{'timed':<11} {'n':>3} {'off med s':>10} {'on med s':>9} {'med/med':>8} {'med(B/A)':>9}  verdict")
     for unit, (a, b) in timings.items():
         ma, mb = statistics.median(a), statistics.median(b)
-        paired = statistics.median(y / x for x, y in zip(a, b))
+        ratios = [y / x for x, y in zip(a, b)]
+        paired = statistics.median(ratios)
         verdict = "ok" if paired <= TARGET else f"OVER {TARGET:.2f}x"
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (paired,) * 3
         print(f"{'sample' if unit == 'sample' else 'model call':<11} {len(a):>3} {ma:>10.3f} {mb:>9.3f} "
-              f"{mb / ma:>7.4f}x {paired:>8.4f}x  {verdict}")
+              f"{mb / ma:>7.4f}x {paired:>8.4f}x  {verdict} (quartiles of B/A {q1:.3f}-{q3:.3f})")
     a, b = timings["sample"]
     position = statistics.median(y / x if r % 2 == 0 else x / y for r, (x, y) in enumerate(zip(a, b)))
     print(f"position effect: the second sample of a pair took {position:.4f}x the first (median over rounds, "

@@ -200,6 +200,41 @@ def test_frontend_draws_the_chart_in_the_trace_node(server, object_info, sd15_ch
         shot = Path(tempfile.gettempdir()) / f"fera-inspect-{server.port}.png"
         browser.screenshot(shot)
         print(f"\ninspect screenshot: {shot} (chart canvas {drawn})")
+        _chart_follows_zoom_dpi_theme_and_hover(browser, f"{node_js}.feraChart")
         assert not [e for e in browser.exceptions if "fera" in json.dumps(e)]
     finally:
         browser.close()
+
+
+def _chart_follows_zoom_dpi_theme_and_hover(browser, chart_js):
+    """Canvas zoom and a 2x screen: the backing store is the on-screen size times the pixel ratio
+    (crisp, redrawn). The light theme repaints the background; hovering draws the step's values
+    and leaving restores the chart."""
+    canvas = f"{chart_js}.canvas"
+    sharp = (f"(() => {{ const c = {canvas}; const b = c.getBoundingClientRect();"
+             " return Math.abs(c.width - b.width * window.devicePixelRatio) <= 2 && b.width > 50; })()")
+    pixels = (f"(() => {{ const c = {canvas}; const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+              " let h = 0; for (let i = 0; i < d.length; i += 4) h = (h * 31 + d[i] + d[i + 1] + d[i + 2]) | 0;"
+              " const p = c.getContext('2d').getImageData(2, 2, 1, 1).data; return [h, p[0] + p[1] + p[2]]; })()")
+    width = browser.eval(f"{canvas}.width")
+    browser.eval("(() => { window.app.canvas.ds.scale *= 2; window.app.canvas.setDirty(true, true); })()")
+    browser.wait_for(f"{canvas}.width > {width} * 1.5 && {sharp}", timeout=20)
+    browser.call("Emulation.setDeviceMetricsOverride", width=1800, height=1100, deviceScaleFactor=2, mobile=False)
+    browser.eval("window.app.canvas.setDirty(true, true)")
+    browser.wait_for(f"window.devicePixelRatio === 2 && {sharp}", timeout=20)
+    _, dark = browser.eval(pixels)
+    browser.eval("window.app.extensionManager.setting.set('Comfy.ColorPalette', 'light')")
+    browser.wait_for(f"{pixels}[1] > {dark} + 300", timeout=20)  # background: dark grey -> near white
+    time.sleep(1.0)  # the palette's remaining variables
+    move = (f"(() => {{ const c = {canvas}; const b = c.getBoundingClientRect();"  # the node may have moved
+            " c.dispatchEvent(new MouseEvent('mousemove', {clientX: b.left + b.width / 2,"
+            " clientY: b.top + b.height / 3, bubbles: true})); })()")
+    leave = f"{canvas}.dispatchEvent(new MouseEvent('mouseleave'))"
+    seen = []
+    for event in (move, leave) * 3:
+        browser.eval(event)
+        seen.append((browser.eval(f"{chart_js}.hover") is not None, browser.eval(pixels)[0]))
+    assert [h for h, _ in seen] == [True, False] * 3
+    # from the second hover on (the first one's text may still be laid out with a fallback font):
+    # hovering draws the same values each time, and leaving restores the same chart
+    assert seen[2][1] != seen[3][1] and seen[2][1] == seen[4][1] and seen[1][1] == seen[3][1] == seen[5][1]
