@@ -1,10 +1,11 @@
 """Training cost of Train FeRA against ComfyUI's own LoRA trainer, in one process (CPU, 2 threads).
 
-    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_train.py [--steps N] [--rounds R] [--size S]
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_train.py [--steps N] [--rounds R] [--size S] [--channels C]
         [--dtype bf16|fp32] [--no-checkpointing]
 
 Not a test: prints a compact table. Both trainers run on the same SD1.5-architecture model
-built from ComfyUI's own classes (model_channels 64, two levels, random float32 weights), the
+built from ComfyUI's own classes (two levels, random float32 weights; model_channels 64 by default,
+where per-op overhead dominates; --channels 320 is SD1.5's own width, where arithmetic does), the
 same latents (2 images, S x S, default 32; batch size 1, TrainLoraNode's default: with more, its
 guider applies every image's conditioning to every row) and conditioning, the same layers (to_q, to_k, to_v,
 to_out.0 of every attention) and the same total rank: FeRA 3 experts x rank 4 against LoRA rank
@@ -19,8 +20,9 @@ forward adds ~1/2 of a step there, and ~1/3 of one when checkpointing recomputes
 
 Measured per run: seconds per optimizer step (median over the steps after 2 warm-up steps) and
 the peak resident memory added by training (VmHWM reset through /proc/self/clear_refs, after
-gc and malloc_trim, minus the resident size before training). Runs alternate A, B, A, B;
-reported are medians and the ratio B/A. Targets: time <= 1.35x (FeRA's no-grad forward of the
+gc and malloc_trim, minus the resident size before training). Rounds run A, B, C in rotating
+order (ABC, BCA, CAB); reported are medians, the ratio of medians and the median of the ratios
+within a round (paired, robust to the machine's drift between rounds). Targets: time <= 1.35x (FeRA's no-grad forward of the
 frozen model for FECL makes ~1.33x the floor), memory <= 1.10x. FECL's own cost is reported
 apart: the time of the frozen forward and of the loss terms inside FeRA's steps, and a third
 run C, FeRA with fecl_weight 0 (training_step then skips the frozen forward).
@@ -73,10 +75,10 @@ EXPERTS, RANK = 3, 4
 _LIBC = ctypes.CDLL("libc.so.6")
 
 
-def model():
-    # the tests' tiny SD1.5, twice as wide
-    mc = comfy.supported_models.SD15(dict(tiny_model("sd15").model.model_config.unet_config, model_channels=64,
-                                          context_dim=64))
+def model(channels):
+    """The tests' tiny SD1.5 (two levels) at `channels` width; its text width follows."""
+    mc = comfy.supported_models.SD15(dict(tiny_model("sd15").model.model_config.unet_config, model_channels=channels,
+                                          context_dim=channels))
     mc.set_inference_dtype(torch.float32, None)
     m = mc.get_model({}, "model.diffusion_model.")
     gen = torch.Generator().manual_seed(0)
@@ -86,9 +88,9 @@ def model():
     return comfy.model_patcher.ModelPatcher(m, load_device=cpu, offload_device=cpu)
 
 
-def data(size):
+def data(size, channels):
     gen = torch.Generator().manual_seed(1)
-    return torch.randn(2, 4, size, size, generator=gen), [[torch.randn(1, 77, 64, generator=gen), {}]]
+    return torch.randn(2, 4, size, size, generator=gen), [[torch.randn(1, 77, channels, generator=gen), {}]]
 
 
 def _rss_kb(field):
@@ -204,24 +206,26 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--channels", type=int, default=64, help="model_channels (SD1.5 itself: 320)")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="training dtype (both nodes: bf16)")
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                     help="both without gradient checkpointing (both nodes: on)")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    patcher = model()
-    lat, pos = data(args.size)
-    lora, fera, plain, clocks = [], [], [], []
-    for _ in range(args.rounds):
-        m, n_lora = run_lora(patcher, lat, pos, args.steps, args.checkpointing, dtype)
-        lora.append(m)
-        m, n_fera, clock = run_fera(patcher, lat, pos, args.steps, args.checkpointing, dtype)
-        fera.append(m)
-        clocks.append(clock)
-        plain.append(run_fera(patcher, lat, pos, args.steps, args.checkpointing, dtype, fecl_weight=0.0)[0])
+    patcher = model(args.channels)
+    lat, pos = data(args.size, args.channels)
+    common = (patcher, lat, pos, args.steps, args.checkpointing, dtype)
+    trainers = {"A": lambda: run_lora(*common), "B": lambda: run_fera(*common), "C": lambda: run_fera(*common, 0.0)}
+    out = {key: [] for key in trainers}
+    for r in range(args.rounds):  # ABC, BCA, CAB, ...: no trainer always runs first on a drifting machine
+        for key in "ABC"[r % 3:] + "ABC"[:r % 3]:
+            out[key].append(trainers[key]())
+    lora, (_, n_lora) = [m for m, _ in out["A"]], out["A"][0]
+    fera, clocks, n_fera = [m for m, _, _ in out["B"]], [c for _, _, c in out["B"]], out["B"][0][1]
+    plain = [m for m, _, _ in out["C"]]
     med = lambda runs, attr: statistics.median(getattr(r, attr) for r in runs)
     t_a, t_b, m_a, m_b = med(lora, "step_s"), med(fera, "step_s"), med(lora, "peak_mb"), med(fera, "peak_mb")
-    print(f"SD1.5-architecture model (model_channels 64), batch 1 x 4 x {args.size} x {args.size}, "
+    print(f"SD1.5-architecture model (model_channels {args.channels}), batch 1 x 4 x {args.size} x {args.size}, "
           f"{args.steps} steps x {args.rounds} rounds, {args.dtype}, checkpointing {'on' if args.checkpointing else 'off'}, "
           f"torch {torch.__version__}")
     print(f"{'':24}{'s/step':>10}{'peak MB':>10}{'params':>10}")
