@@ -131,8 +131,8 @@ def test_frozen_weights_get_no_gradient_and_keep_their_flags():
     their gradients (the work of a full backward, and a gradient the size of the model) and must leave
     the flags as they were."""
     patcher = tiny_model("sd15", 0)
-    weights = list(patcher.model.parameters())
-    assert all(w.requires_grad and not w.is_inference() for w in weights)  # the case under test
+    weights = list(patcher.model.requires_grad_(True).parameters())  # ComfyUI 0.33 builds them without
+    assert not any(w.is_inference() for w in weights)
     lat, pos = data("sd15")
     train(patcher, adapter_for(patcher), lat, pos, steps=2)
     assert sum(w.grad is not None for w in weights) == 0
