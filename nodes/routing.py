@@ -227,7 +227,7 @@ class _LiveExperts:
         return e.down.to(self.device, self.dtype), e.up.to(self.device, self.dtype)
 
 
-def apply_fera(patcher, adapter: FeRAAdapter, strength: float = 1.0, controls: RoutingControls | None = None,
+def apply_fera(patcher, adapter: FeRAAdapter, strength: float, controls: RoutingControls | None = None,
                start_percent: float = 0.0, end_percent: float = 1.0, trace: RoutingTrace | None = None,
                tracing: bool | None = None, name: str | None = None):
     """A clone of `patcher` whose every model call routes the adapter's experts; `patcher` is untouched."""

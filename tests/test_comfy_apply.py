@@ -202,6 +202,14 @@ def test_two_fera_models_do_not_share_routing(patcher, adapter):
     torch.testing.assert_close(sample(b), expected(patcher, [(other, 1.0)]), rtol=1e-5, atol=1e-5)
 
 
+def test_sampling_releases_the_device_copies(patcher, adapter):
+    """The router and expert copies made for a run's device and dtype are dropped when it ends."""
+    model = apply_fera(patcher, adapter, 1.0)
+    sample(model)
+    (fera,) = routing_mod.routings_of(model)
+    assert not fera._experts and not fera._routers
+
+
 def test_chains_with_second_adapter_and_lora(patcher, adapter):
     other = make_adapter(patcher.model, seed=5)
     chained = apply_fera(apply_fera(patcher, adapter, 1.0), other, 0.5)
@@ -310,4 +318,8 @@ def test_adapter_that_does_not_fit_is_refused_without_patching(patcher, adapter)
     assert f"{n - 3} of {n + 4} layers match, 4 have no counterpart (e.g. {missing[:3]}), 3 have other shapes (e.g. [" in msg
     assert "does not fit this SD1.5 model" in msg and msg.endswith("]). Nothing was patched.")
     assert missing[3] not in msg and [f"experts for {p} have in 7" in msg for p in misfits] == [True, True, False]
+    with pytest.raises(routing_mod.AdapterMismatchError) as err:  # misfits only: no empty "missing" part
+        apply_fera(patcher, FeRAAdapter(adapter.config, {**adapter.layers, misfits[0]: RoutedExperts(7, 64)}), 1.0)
+    assert f"{n - 1} of {n} layers match, 1 have other shapes (e.g. [" in str(err.value)
+    assert "counterpart" not in str(err.value)
     assert (dict(patcher.object_patches), {k: dict(v) for k, v in patcher.wrappers.items()}) == before
