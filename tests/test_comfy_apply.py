@@ -322,4 +322,7 @@ def test_adapter_that_does_not_fit_is_refused_without_patching(patcher, adapter)
         apply_fera(patcher, FeRAAdapter(adapter.config, {**adapter.layers, misfits[0]: RoutedExperts(7, 64)}), 1.0)
     assert f"{n - 1} of {n} layers match, 1 have other shapes (e.g. [" in str(err.value)
     assert "counterpart" not in str(err.value)
+    with pytest.raises(routing_mod.AdapterMismatchError) as err:  # missing only: no empty "misfit" part
+        apply_fera(patcher, FeRAAdapter(adapter.config, {missing[0]: RoutedExperts(64, 64)}), 1.0)
+    assert f"0 of 1 layers match, 1 have no counterpart (e.g. {missing[:1]}). Nothing was patched." in str(err.value)
     assert (dict(patcher.object_patches), {k: dict(v) for k, v in patcher.wrappers.items()}) == before
