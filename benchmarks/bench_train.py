@@ -220,9 +220,8 @@ def main():
     for r in range(args.rounds):  # ABC, BCA, CAB, ...: no trainer always runs first on a drifting machine
         for key in "ABC"[r % 3:] + "ABC"[:r % 3]:
             out[key].append(trainers[key]())
-    lora, (_, n_lora) = [m for m, _ in out["A"]], out["A"][0]
-    fera, clocks, n_fera = [m for m, _, _ in out["B"]], [c for _, _, c in out["B"]], out["B"][0][1]
-    plain = [m for m, _, _ in out["C"]]
+    (lora, n_lora), (fera, n_fera, clocks), (plain, _, _) = (zip(*out[key]) for key in "ABC")
+    n_lora, n_fera = n_lora[0], n_fera[0]
     med = lambda runs, attr: statistics.median(getattr(r, attr) for r in runs)
     t_a, t_b, m_a, m_b = med(lora, "step_s"), med(fera, "step_s"), med(lora, "peak_mb"), med(fera, "peak_mb")
     print(f"SD1.5-architecture model (model_channels {args.channels}), batch 1 x 4 x {args.size} x {args.size}, "
