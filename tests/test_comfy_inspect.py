@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from test_comfy_server import (  # noqa: F401  (server, object_info, sd15_checkpoint are fixtures)
-    CHROMIUM, PACK_ROOT, SD15_ADAPTER, WORKFLOW, _Chromium, _DIALOGS_JS, _widget_names, object_info,
+    CHROMIUM, PACK_ROOT, SD15_ADAPTER, WORKFLOW, _DIALOGS_JS, _open_frontend, _widget_names, object_info,
     sd15_checkpoint, server, ui_to_api)
 
 pytestmark = pytest.mark.comfy
@@ -154,8 +154,6 @@ def test_workflow_without_trace_node_sends_nothing(server, object_info, sd15_che
 @needs_sd15_adapter
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"headless browser not found at {CHROMIUM}")
 def test_frontend_draws_the_chart_in_the_trace_node(server, object_info, sd15_checkpoint):
-    pytest.importorskip("aiohttp", reason="aiohttp (a ComfyUI dependency) drives Chromium here")
-    assert server.post("/settings/Comfy.TutorialCompleted", True)[0] == 200
     wf = json.loads(INSPECT.read_text())
     for node in wf["nodes"]:
         if node["type"] == "CheckpointLoaderSimple":
@@ -166,13 +164,8 @@ def test_frontend_draws_the_chart_in_the_trace_node(server, object_info, sd15_ch
             node["widgets_values"][0] = 11
             node["widgets_values"][1] = "fixed"
             node["widgets_values"][2] = STEPS
-    browser = _Chromium(CHROMIUM, width=1800, height=1100)
+    browser = _open_frontend(server, width=1800, height=1100)
     try:
-        browser.call("Runtime.enable")
-        browser.call("Page.enable")
-        browser.call("Page.navigate", url=server.url + "/")
-        browser.wait_for("!!(window.app && window.app.graph && window.LiteGraph"
-                         " && window.LiteGraph.registered_node_types['FeRARoutingTrace'])", timeout=180)
         browser.eval(f"window.app.loadGraphData({json.dumps(wf)})")
         browser.wait_for(f"window.app.graph._nodes.length === {len(wf['nodes'])}", timeout=60)
         time.sleep(1.0)

@@ -550,18 +550,19 @@ _MISSING_NODES_JS = "window.app.graph.nodes.filter(n => !window.LiteGraph.regist
 _GRAPH_TYPES_JS = "window.app.graph.nodes.map(n => n.type).sort()"
 
 
-def _open_frontend(server) -> _Chromium:
-    """Headless Chromium showing the server's web frontend, ready (node types registered)."""
+def _open_frontend(server, **window) -> _Chromium:
+    """Headless Chromium showing the server's web frontend, ready (node types registered, the pack's too).
+    window: width and height of the browser window."""
     pytest.importorskip("aiohttp", reason="aiohttp (a ComfyUI dependency) drives Chromium here")
     code, _ = server.post("/settings/Comfy.TutorialCompleted", True)  # else a template dialog covers the canvas
     assert code == 200
-    browser = _Chromium(CHROMIUM)
+    browser = _Chromium(CHROMIUM, **window)
     try:
         browser.call("Runtime.enable")
         browser.call("Page.enable")
         browser.call("Page.navigate", url=server.url + "/")
-        browser.wait_for("!!(window.app && window.app.graph && window.LiteGraph"
-                         " && window.LiteGraph.registered_node_types['KSampler'])", timeout=180)
+        browser.wait_for("!!(window.app && window.app.graph && window.LiteGraph && ['KSampler', 'FeRARoutingTrace']"
+                         ".every(t => window.LiteGraph.registered_node_types[t]))", timeout=180)
     except BaseException:
         browser.close()
         raise
