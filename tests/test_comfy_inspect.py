@@ -211,10 +211,10 @@ def _chart_follows_zoom_dpi_theme_and_hover(browser, chart_js):
               " const p = c.getContext('2d').getImageData(2, 2, 1, 1).data; return [h, p[0] + p[1] + p[2]]; })()")
     width = browser.eval(f"{canvas}.width")
     browser.eval("(() => { window.app.canvas.ds.scale *= 2; window.app.canvas.setDirty(true, true); })()")
-    browser.wait_for(f"{canvas}.width > {width} * 1.5 && {sharp}", timeout=20)
+    redraw = "window.app.canvas.setDirty(true, true)"  # per poll: the widget may move after a frame is drawn
+    browser.wait_for(f"({redraw}, {canvas}.width > {width} * 1.5 && {sharp})", timeout=20)
     browser.call("Emulation.setDeviceMetricsOverride", width=1800, height=1100, deviceScaleFactor=2, mobile=False)
-    browser.eval("window.app.canvas.setDirty(true, true)")
-    browser.wait_for(f"window.devicePixelRatio === 2 && {sharp}", timeout=20)
+    browser.wait_for(f"({redraw}, window.devicePixelRatio === 2 && {sharp})", timeout=20)
     _, dark = browser.eval(pixels)
     browser.eval("window.app.extensionManager.setting.set('Comfy.ColorPalette', 'light')")
     browser.wait_for(f"{pixels}[1] > {dark} + 300", timeout=20)  # background: dark grey -> near white
