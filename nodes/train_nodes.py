@@ -214,7 +214,7 @@ class SaveFeRAAdapter(io.ComfyNode):
             display_name="Save FeRA Adapter",
             category=CATEGORY,
             description="Writes a FeRA adapter into models/fera under diffusers module names, with its configuration "
-                        "and training settings. Never overwrites a file; refresh the page to see it in the loaders.",
+                        "and training settings. Never overwrites a file; the loaders list the new file at once.",
             inputs=[
                 FeRAAdapterType.Input("fera_adapter", tooltip="From Train FeRA (or Load FeRA Adapter)."),
                 io.String.Input("filename_prefix", default="FeRA_trained",

@@ -1,7 +1,7 @@
 """workflows/train_fera.json in a real ComfyUI server (COMFYUI_PATH), driven over HTTP.
 
 Uses test_comfy_server's server (own instance for this module) and random full-size SD1.5
-checkpoint. The workflow loads its images with ComfyUI 0.33's LoadImageDataSetFromFolder (one
+checkpoint, and the real frontend (headless Chromium) for the loader's list after a save. The workflow loads its images with ComfyUI 0.33's LoadImageDataSetFromFolder (one
 image per list item); on hosts that only have the older LoadImageSetFromFolderNode (0.3.x, one
 batch) the test swaps that node in, as a user of such a version would.
 """
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from comfy_host import PACK_ROOT
-from test_comfy_server import _widget_names, object_info, sd15_checkpoint, server, ui_to_api  # noqa: F401
+from test_comfy_server import (CHROMIUM, TINY_ADAPTER, _open_frontend, _widget_names, object_info,  # noqa: F401
+                               sd15_checkpoint, server, ui_to_api)
 
 pytestmark = pytest.mark.comfy
 WORKFLOW = PACK_ROOT / "workflows" / "train_fera.json"
@@ -82,3 +83,31 @@ def test_train_workflow_runs_saves_adapter_loss_graph_and_both_samples(server, o
         img = entry["outputs"][node_id]["images"][0]
         assert _png_size(server.base / img["type"] / img["subfolder"] / img["filename"]) == (64, 64)
     print(f"\nTrain FeRA on a full-size SD1.5 (2 steps): {text}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"headless browser not found at {CHROMIUM}")
+def test_a_saved_adapter_is_offered_by_the_loader_without_reloading_the_page(server):
+    """Load FeRA Adapter -> Save FeRA Adapter queued from the frontend: the loader's list gains the new file."""
+    name = "refresh_check_00001_.safetensors"
+    assert not (server.base / "models" / "fera" / name).exists()
+    browser = _open_frontend(server)
+    try:
+        browser.eval(f"""(() => {{
+            window.app.graph.clear();
+            const load = window.LiteGraph.createNode("LoadFeRAAdapter");
+            const save = window.LiteGraph.createNode("SaveFeRAAdapter");
+            window.app.graph.add(load);
+            window.app.graph.add(save);
+            load.connect(0, save, 0);
+            load.widgets[0].value = {json.dumps(TINY_ADAPTER.name)};
+            save.widgets[0].value = "refresh_check";
+            window.feraLoader = load;
+        }})()""")
+        listed = "window.feraLoader.widgets[0].options.values.includes(%s)" % json.dumps(name)
+        assert browser.eval(listed) is False
+        browser.eval("window.app.queuePrompt(0, 1)")
+        browser.wait_for(listed, timeout=120)
+        assert (server.base / "models" / "fera" / name).is_file()
+    finally:
+        browser.close()

@@ -1,5 +1,7 @@
 // Train FeRA's live loss: the node listens to the "fera.train" event the trainer sends once per
 // step and draws the latest step and loss under its title (the progress bar is ComfyUI's own).
+// Save FeRA Adapter refreshes the node definitions once it has written a file, so the new
+// adapter is offered by the loaders at once (what pressing R does).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { trainingText } from "./fera_train_text.js";
@@ -15,6 +17,14 @@ app.registerExtension({
     });
   },
   beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name === "SaveFeRAAdapter") {
+      const executed = nodeType.prototype.onExecuted;
+      nodeType.prototype.onExecuted = function () {
+        executed?.apply(this, arguments);
+        app.refreshComboInNodes();
+      };
+      return;
+    }
     if (nodeData.name !== "TrainFeRA") return;
     const draw = nodeType.prototype.onDrawForeground;
     nodeType.prototype.onDrawForeground = function (ctx) {
