@@ -80,8 +80,8 @@ class FeRARouting:
     trace: a RoutingTrace every run also records into (scripts); tracing: None = trace the runs of
     prompts that contain a trace node, True = every run, False = never.
     live (training): the router and experts are the adapter's own parameters, used with grad,
-    and the gains outlive the call, so that gradient checkpointing's recomputation in backward
-    sees the same experts as the forward did.
+    and the gains and the experts' casts outlive the call, so that gradient checkpointing's
+    recomputation in backward sees the same experts as the forward did.
     """
 
     live = False
@@ -156,20 +156,22 @@ class FeRARouting:
         return self._routers[device]
 
     def _experts_on(self, device, dtype):
-        """Expert weights in the layers' own device and dtype (not the latent's), made once per run.
+        """Expert weights in the layers' own device and dtype (not the latent's), made once per run,
+        or in live mode once per model call (differentiable casts of the trainable weights, kept
+        with the gains for checkpointing's recomputation).
 
         Stored column-major, so the .t() taken by add_experts hands BLAS contiguous operands.
         """
-        if self.live:
-            if "live" not in self._experts:
-                self._experts["live"] = self.adapter.layers
-            return _LiveExperts(self._experts["live"], device, dtype)
         key = (device, dtype)
         if key not in self._experts:
-            self._experts[key] = {
-                path: tuple(w.detach().to(device, dtype).t().contiguous().t() if w.ndim == 2
-                            else w.detach().to(device, dtype) for w in (e.down, e.up))
-                for path, e in self.adapter.layers.items()}
+            if self.live:
+                self._experts[key] = {path: (e.down.to(device, dtype), e.up.to(device, dtype))
+                                      for path, e in self.adapter.layers.items()}
+            else:
+                self._experts[key] = {
+                    path: tuple(w.detach().to(device, dtype).t().contiguous().t() if w.ndim == 2
+                                else w.detach().to(device, dtype) for w in (e.down, e.up))
+                    for path, e in self.adapter.layers.items()}
         return self._experts[key]
 
     def __call__(self, executor, x, t, *args, **kwargs):
@@ -193,6 +195,8 @@ class FeRARouting:
             self.trace.record(energies, weights, t, options.get("cond_or_uncond"))
         gains = expert_gains(weights, cfg.rank, cfg.scale, self.strength)
         self.gains = {gains.dtype: gains}
+        if self.live:  # the weights changed since the last call: cast them anew
+            self._experts.clear()
         try:
             return executor(x, t, *args, **kwargs)
         finally:
@@ -214,17 +218,6 @@ class FeRARouting:
                 out = add_experts(out, x, down, up, gains, layer, out_slice)
             return out
         return fera_forward_hook
-
-
-class _LiveExperts:
-    """The trainable expert weights, cast per use (differentiably) to the layer's device and dtype."""
-
-    def __init__(self, layers, device, dtype):
-        self.layers, self.device, self.dtype = layers, device, dtype
-
-    def __getitem__(self, path):
-        e = self.layers[path]
-        return e.down.to(self.device, self.dtype), e.up.to(self.device, self.dtype)
 
 
 def apply_fera(patcher, adapter: FeRAAdapter, strength: float, controls: RoutingControls | None = None,
