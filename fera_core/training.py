@@ -109,7 +109,8 @@ def fera_loss(pred: torch.Tensor, base: torch.Tensor, target: torch.Tensor, conf
     """MSE + FECL per row, summed with `row_weights` (default 1/B each: the reference's loss)."""
     pred, target = pred.float(), target.float()
     mse = (pred - target).pow(2).flatten(1).mean(1)
-    fecl = fecl_loss(base, pred, target, config.num_bands, config.indicator, config.fecl_weight, reduction="none")
+    fecl = fecl_loss(base, pred, target, config.num_bands, config.indicator, config.fecl_weight, reduction="none") \
+        if config.fecl_weight else torch.zeros_like(mse)  # weight 0: no band decompositions to run backward through
     w = torch.full_like(mse, 1.0 / mse.shape[0]) if row_weights is None else row_weights.to(mse)
     return StepLoss(((mse + fecl) * w).sum(), (mse * w).sum().detach(), (fecl * w).sum().detach())
 

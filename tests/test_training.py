@@ -6,7 +6,7 @@ implementation independent of fera_core.
 import pytest
 import torch
 
-from fera_core import FeRAConfig, FeRAModel, fecl_loss
+from fera_core import FeRAConfig, FeRAModel, fecl_loss, training
 from fera_core.training import (EPSILON, FLOW, HIGH_NOISE, LOW_NOISE, PREDICTIONS, SAMPLE, UNIFORM, V_PREDICTION,
                                 fera_loss, noise_draws, prediction_from_x0, regression_target, sample_noise_levels,
                                 training_step)
@@ -144,10 +144,11 @@ def test_step_runs_base_without_grad_then_experts_with_grad(objective, reference
     assert all(g is not None for g in ups) and any(g.abs().sum() > 0 for g in ups)
 
 
-def test_without_fecl_the_frozen_forward_is_skipped(objective, reference_io):
+def test_without_fecl_the_frozen_forward_is_skipped(objective, reference_io, monkeypatch):
     x0, cond = reference_io["target"][:2], reference_io["encoder_hidden_states"][:2]
     cfg = objective.fera.config
     cfg.fecl_weight = 0.0
+    monkeypatch.setattr(training, "fecl_loss", lambda *a, **k: pytest.fail("FECL computed at weight 0"))
     out = training_step(objective, x0, cond, cfg, torch.Generator().manual_seed(0))
     assert objective.calls == [(True, True)]
     assert out.fecl == 0 and out.mse > 0
