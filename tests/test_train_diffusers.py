@@ -3,8 +3,10 @@
 Runs share one pipeline and image folder; each run is a few optimizer steps at 16 x 16 pixels.
 """
 import json
+import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -51,9 +53,9 @@ def run_inline(setup, out, *extra, steps=6):
     return json.loads((Path(out) / "losses.json").read_text())
 
 
-def run_process(setup, out, *extra, launcher=(sys.executable,), prelude="", steps=6, check=True, **env):
-    """A separate process (`prelude` runs first, e.g. to plant a crash)."""
-    code = f"import sys; {prelude}\nfrom fera_core.__main__ import main; sys.exit(main(sys.argv[1:]))"
+def run_process(setup, out, *extra, launcher, steps=6, check=True, **env):
+    """Freshly started processes under `launcher` (for torchrun-started ones)."""
+    code = "import sys\nfrom fera_core.__main__ import main; sys.exit(main(sys.argv[1:]))"
     script = Path(out).parent / f"run_{Path(out).name}.py"
     script.write_text(code)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env)
@@ -148,19 +150,36 @@ def test_resume_continues_exactly(setup, straight, tmp_path):
     assert moved > 1e-3
 
 
+def _train_and_die_in_step_6s_save(argv):
+    """In the forked child: train with torch.save planted to write half of step 6's checkpoint, then SIGKILL."""
+    real = torch.save
+
+    def save(obj, f, *a, **k):
+        if "step-00000006" in str(f):
+            Path(f).write_bytes(b"half a checkpoint")
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(obj, f, *a, **k)
+    torch.save = save
+    torch.set_num_threads(1)  # as run_inline does (and as DataLoader's forked workers do)
+    sys.exit(main(argv))
+
+
 def test_killed_run_leaves_last_checkpoint_intact(setup, straight, tmp_path):
     """SIGKILL while step 6's checkpoint is being written (its temporary file half written): step 3's
     checkpoint is still complete and loadable, no step-6 file appears, and --resume finishes the run
     with the uninterrupted run's adapter."""
     out = tmp_path / "out"
-    plant = ("import os, signal, torch; real = torch.save\n"
-             "def save(obj, f, *a, **k):\n"
-             "    if 'step-00000006' in str(f):\n"
-             "        open(f, 'wb').write(b'half a checkpoint'); os.kill(os.getpid(), signal.SIGKILL)\n"
-             "    real(obj, f, *a, **k)\n"
-             "torch.save = save")
-    proc = run_process(setup, out, prelude=plant, check=False)
-    assert proc.returncode == -9, proc.stderr[-2000:]
+    # A forked child, not a new interpreter: it has this process's imports (diffusers alone takes
+    # seconds to start) and dies by a real SIGKILL all the same. Its stderr is the test's.
+    child = multiprocessing.get_context("fork").Process(target=_train_and_die_in_step_6s_save,
+                                                        args=(args_for(setup, out),))
+    child.start()
+    try:
+        child.join(300)
+        assert child.exitcode == -signal.SIGKILL, child.exitcode  # None: still running after 300 s
+    finally:
+        if child.is_alive():
+            child.kill()
     folder = out / "checkpoints"
     assert [p.name for _, p in checkpoints(folder)] == ["step-00000003.pt"]
     assert any(p.name.endswith(".tmp") for p in folder.iterdir())  # what the kill left behind
