@@ -50,8 +50,8 @@ from test_comfy_bake_schedule import hooked_conds, percent_of  # noqa: E402
 
 routing = pack_module("nodes.routing")
 bake = pack_module("fera_core.bake")
-bake_schedule = pack_module("fera_core.bake_schedule")
-bake_workflow = pack_module("fera_core.bake_workflow")
+bake_schedule = pack_module("fera_core.bake.schedule")
+bake_workflow = pack_module("fera_core.bake.workflow")
 RoutingTrace = pack_module("fera_core.trace").RoutingTrace
 STRENGTH, CFG, DENOISE = 2.0, 5.0, 0.8
 

@@ -1,106 +1,25 @@
-"""python -m fera_core info FILE [--layers] [--json] | convert IN.pt OUT.safetensors [--force]"""
+"""python -m fera_core SUBCOMMAND: info and convert (adapter files), demo, train (a diffusers pipeline),
+bake (to standard LoRAs). Each subcommand lives in its own module; this file only registers them."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-from . import bake_cli, demo, train_diffusers
-from .adapter_file import FORMAT_VERSION, FeRAAdapter, load_adapter, save_adapter
-
-
-def _reference_options(args) -> dict:
-    return {k: v for k, v in (("alpha", args.alpha), ("tau", args.tau), ("base_model", args.base_model)) if v is not None}
-
-
-def _layer_entry(experts) -> dict:
-    kernel = list(experts.down.shape[2:])
-    return {"in": experts.in_features, "out": experts.out_features, **({"kernel": kernel} if kernel else {})}
-
-
-def summary(path: Path, adapter: FeRAAdapter, with_layers: bool) -> dict:
-    """What `info --json` prints: the file's format, its config and sizes (and layers on request)."""
-    layers = adapter.layers
-    info = {"file": str(path),
-            "format": f"fera-safetensors-v{FORMAT_VERSION}" if path.suffix == ".safetensors" else "reference-pt",
-            "config": adapter.config.to_dict(), "scale": adapter.config.scale,
-            "adapted_layers": len(layers), "parameters": adapter.num_parameters()}
-    if with_layers:
-        info["layers"] = {p: _layer_entry(e) for p, e in layers.items()}
-    return info
-
-
-def render(info: dict, given: dict) -> str:
-    """The human summary of `info`, one field a line; per-layer lines when info has them."""
-    c = info["config"]
-    reference = info["format"] == "reference-pt"
-
-    def note(key, flag):  # a .pt records neither alpha nor tau: say where the value came from
-        if not reference:
-            return ""
-        return f" (given with {flag})" if key in given else f" (not in a .pt: reference default, change with {flag})"
-
-    kinds = [("conv" if "kernel" in e else "linear") for e in info.get("layers", {}).values()]
-    lines = [
-        info["file"],
-        ("  format          reference .pt (tensors only, read without unpickling)" if reference
-         else f"  format          FeRA .safetensors, format version {FORMAT_VERSION}"),
-        f"  base model      {c['base_model']}",
-        f"  adapted layers  {info['adapted_layers']}",
-        f"  experts         {c['num_experts']} per layer, rank {c['rank']}",
-        f"  alpha / scale   {c['alpha']} / {info['scale']}{note('alpha', '--alpha')}",
-        f"  parameters      {info['parameters']:,}",
-        f"  indicator       {c['indicator']}, {c['num_bands']} bands",
-        f"  router          tau {c['router_tau']}{note('tau', '--tau')}, hidden {c['router_hidden']}",
-        f"  target modules  {', '.join(c['target_modules'])} ("
-        + ("full module paths" if c["match_full_name"] else "child-name substrings, as the reference") + ")",
-    ]
-    if "layers" in info:
-        lines.append(f"  layers ({kinds.count('linear')} linear, {kinds.count('conv')} conv): in -> out")
-        lines += [f"    {p}  {e['in']} -> {e['out']}" + (f"  kernel {tuple(e['kernel'])}" if "kernel" in e else "")
-                  for p, e in info["layers"].items()]
-    else:
-        lines.append("(per-layer listing: --layers; machine-readable: --json)")
-    return "\n".join(lines)
+from . import adapter_cli
+from .bake import cli as bake_cli
+from .demo import run as demo
+from .training import cli as train_cli
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fera_core", description="Inspect and convert FeRA adapters.")
+    parser = argparse.ArgumentParser(prog="python -m fera_core", description="FeRA adapters: inspect, convert, "
+                                     "demo, train and bake.")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="summary of an adapter: format, base model, experts, rank, router")
-    info.add_argument("file")
-    info.add_argument("--layers", action="store_true", help="also list every adapted layer with its sizes")
-    info.add_argument("--json", action="store_true", help="print JSON instead of the summary")
-    convert = sub.add_parser("convert", help="reference .pt -> .safetensors with metadata")
-    convert.add_argument("src")
-    convert.add_argument("dst")
-    convert.add_argument("--force", action="store_true", help="overwrite dst if it exists")
-    for p in (info, convert):
-        p.add_argument("--alpha", type=float, help="LoRA alpha of a reference .pt (default 1.0)")
-        p.add_argument("--tau", type=float, help="router temperature of a reference .pt (default 0.7)")
-        p.add_argument("--base-model", help="model family of a reference .pt (sd15, sdxl, ...)")
-    for module in (demo, train_diffusers, bake_cli):  # subcommands in their own modules set args.handler
+    adapter_cli.add_parsers(sub)
+    for module in (demo, train_cli, bake_cli):
         module.add_parser(sub)
     args = parser.parse_args(argv)
-    if hasattr(args, "handler"):
-        return args.handler(args)
-    given = _reference_options(args)
-    try:
-        if args.command == "info":
-            path = Path(args.file)
-            facts = summary(path, load_adapter(path, **given), args.layers)
-            print(json.dumps(facts, indent=1) if args.json else render(facts, given))
-        else:
-            if Path(args.dst).exists() and not args.force:
-                raise FileExistsError(f"{args.dst}: already exists; pass --force to overwrite it")
-            adapter = load_adapter(args.src, **given)
-            save_adapter(adapter, args.dst)
-            print(f"wrote {args.dst}: {len(adapter.layers)} layers, {adapter.num_parameters()} parameters")
-    except (ValueError, OSError) as err:  # AdapterFileError is a ValueError; messages name the file
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return args.handler(args)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,7 @@ validated (names, shapes, dtypes, finiteness) before any tensor is used.
 from __future__ import annotations
 
 import json
-import os
 import re
-import uuid
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_write
 from .config import FeRAConfig
 from .experts import RoutedExperts
 from .indicator import REFERENCE
@@ -50,14 +49,16 @@ class AdapterFileError(ValueError):
 class FeRAAdapter(nn.Module):
     """A router and the routed experts of every adapted layer, keyed by diffusers module path.
 
-    training: how it was trained (a trainer's settings, JSON-serialisable), saved as the
-    optional "fera.training" metadata; None when unknown.
+    name: what traces and plots call the adapter (its file name when loaded from a file).
+    training_settings: how it was trained (a trainer's settings, JSON-serialisable), saved as the
+    optional "fera.training" metadata; None when unknown. (Not `training`: that is nn.Module's
+    train/eval flag.)
     """
 
-    training: dict | None = None
-
-    def __init__(self, config: FeRAConfig, layers: dict[str, RoutedExperts]):
+    def __init__(self, config: FeRAConfig, layers: dict[str, RoutedExperts], name: str | None = None,
+                 training_settings: dict | None = None):
         super().__init__()
+        self.name, self.training_settings = name, training_settings
         self.config = config.validate()
         self.router = SoftFrequencyRouter(config.num_bands, config.num_experts, config.router_tau, config.router_hidden)
         # ModuleDict names may not contain dots; module paths do.
@@ -209,11 +210,11 @@ def _reference_config(sd: dict, source, alpha: float | None, tau: float | None, 
 
 
 def load_adapter(path, alpha: float | None = None, tau: float | None = None,
-                 base_model: str | None = None) -> FeRAAdapter:
+                 base_model: str | None = None, name: str | None = None) -> FeRAAdapter:
     """Read a FeRA adapter: this project's .safetensors, or a reference .pt (never unpickled).
 
     alpha, tau and base_model fill what a reference file lacks; for .safetensors they must
-    be None (the file records them).
+    be None (the file records them). name: the adapter's name (default: the file's name).
     """
     path = Path(path)
     if not path.is_file():
@@ -242,7 +243,7 @@ def load_adapter(path, alpha: float | None = None, tau: float | None = None,
     else:
         raise AdapterFileError(path, "unsupported extension; expected .safetensors, .pt, .pth or .bin")
     adapter = FeRAAdapter.from_state_dict(sd, config, source=path)
-    adapter.training = training
+    adapter.name, adapter.training_settings = name or path.name, training
     return adapter
 
 
@@ -253,20 +254,7 @@ def save_adapter(adapter: FeRAAdapter, path) -> Path:
         raise ValueError(f"{path}: adapters are saved as .safetensors")
     meta = {"fera.format_version": FORMAT_VERSION, "fera.key_namespace": KEY_NAMESPACE,
             "fera.config": json.dumps(adapter.config.to_dict(), sort_keys=True)}
-    if adapter.training:
-        meta["fera.training"] = json.dumps(adapter.training, sort_keys=True)
+    if adapter.training_settings:
+        meta["fera.training"] = json.dumps(adapter.training_settings, sort_keys=True)
     return atomic_write(path, lambda tmp: save_file(adapter.file_state_dict(), tmp, metadata=meta))
 
-
-def atomic_write(path, write) -> Path:
-    """Call write(temporary path) beside `path`, then rename: a reader sees all or nothing."""
-    path = Path(path)
-    tmp = str(path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp"))
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # safetensors creates files 0600; a model file is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

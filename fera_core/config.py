@@ -11,29 +11,27 @@ REFERENCE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 @dataclass
 class FeRAConfig:
-    """Hyper-parameters of a FeRA adapter.
+    """Hyper-parameters of a FeRA adapter; the first eight fields and their defaults are the reference's."""
 
-    The first eight fields and their defaults are the reference's (scale = alpha / rank).
-    indicator: which FEI definition the router was trained with ("reference" or "partition").
-    match_full_name: the reference matches target_modules as substrings of a layer's *child*
-        name, so "to_out.0" never matches (the child is "0") and reference files only adapt
-        to_q/k/v. True matches against the full dotted path instead, which fixes that; keep
-        False to reproduce reference adapters.
-    base_model: the model family the adapter was trained for (sd15, sd2, sdxl, sd3, flux, ...).
-    """
-
-    rank: int = 4
-    alpha: float = 1.0
-    dropout: float = 0.0
-    num_bands: int = 3
-    num_experts: int = 3
-    router_tau: float = 0.7
+    rank: int = 4  # r of each expert's LoRA pair (lora_down r x in, lora_up out x r)
+    alpha: float = 1.0  # LoRA alpha: every expert's update is scaled by scale = alpha / rank
+    dropout: float = 0.0  # dropout on the experts' input while training (never at sampling)
+    num_bands: int = 3  # n: frequency bands the indicator measures and the router reads
+    num_experts: int = 3  # M: experts per adapted layer, mixed by the router
+    router_tau: float = 0.7  # softmax temperature of the router (lower: one expert dominates)
+    # Which layers get experts: child-name substrings (match_full_name False, the reference's rule) or
+    # module paths / path suffixes (True).
     target_modules: list[str] = field(default_factory=lambda: list(REFERENCE_TARGETS))
-    fecl_weight: float = 0.1
-    router_hidden: int = 64
+    fecl_weight: float = 0.1  # weight of the frequency-energy consistency loss in training (0: plain MSE)
+    router_hidden: int = 64  # width of the router MLP's hidden layer
+    # Which indicator definition the router was trained with ("reference": the authors' DoG, finest band
+    # dropped; "partition": DCT bands that partition the latent). A router only means something with its own.
     indicator: str = REFERENCE
+    # The reference matches target_modules as substrings of a layer's *child* name, so "to_out.0" never
+    # matches (the child is "0") and reference files adapt only to_q/k/v. True matches the full dotted
+    # path instead; keep False to reproduce reference adapters.
     match_full_name: bool = False
-    base_model: str = "unknown"
+    base_model: str = "unknown"  # model family id the adapter was trained for (fera_core.families)
 
     @property
     def scale(self) -> float:

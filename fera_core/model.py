@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_file import FeRAAdapter, atomic_write, load_adapter, save_adapter
+from .adapter_file import FeRAAdapter, load_adapter, save_adapter
+from .atomic import atomic_write
 from .config import FeRAConfig
 from .experts import RoutedExperts
 from .fecl import fecl_loss
@@ -123,7 +124,8 @@ class FeRAModel(nn.Module):
         self.adapter = adapter
         self.fera_layers = [FeRALayer(path, targets[path], experts, config.dropout)
                             for path, experts in adapter.layers.items()]
-        self.current_e_t: torch.Tensor | None = None
+        self.current_e_t: torch.Tensor | None = None  # band energies and expert weights of the last routed call
+        self.current_weights: torch.Tensor | None = None
 
     @classmethod
     def from_file(cls, base_model: nn.Module, path, /, **reference_options) -> "FeRAModel":
@@ -141,9 +143,22 @@ class FeRAModel(nn.Module):
     def prepare_forward(self, z_t: torch.Tensor, controls=None) -> torch.Tensor:
         """Route by z_t's band energies; returns the (B, M) expert weights every layer will use."""
         self.current_e_t = band_energies(z_t, self.config.num_bands, self.config.indicator)
-        weights = self.router(self.current_e_t, controls)
-        self.set_routing_weights(weights)
-        return weights
+        self.current_weights = self.router(self.current_e_t, controls)
+        self.set_routing_weights(self.current_weights)
+        return self.current_weights
+
+    def predict(self, x_t: torch.Tensor, *args, experts: bool = True, call=None, **kwargs):
+        """The base model's output for x_t, its experts routed by x_t's band energies, or with
+        experts=False the frozen model's (FECL's base prediction, the base model's samples).
+
+        call(model, x_t, *args, **kwargs) replaces model(x_t, *args, **kwargs) for models called otherwise.
+        """
+        call = call or (lambda model, *a, **kw: model(*a, **kw))
+        if not experts:
+            with self.disabled():
+                return call(self.base_model, x_t, *args, **kwargs)
+        self.prepare_forward(x_t)
+        return call(self.base_model, x_t, *args, **kwargs)
 
     def set_routing_weights(self, weights: torch.Tensor | None) -> None:
         for layer in self.fera_layers:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapter_file import atomic_write
+from .atomic import atomic_write
 from .trace import RoutingTrace
 
 STYLES = {"cond": "-", "uncond": "--", None: ":"}

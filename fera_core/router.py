@@ -14,6 +14,17 @@ import torch
 from torch import nn
 
 
+def parse_numbers(text: str, name: str = "value") -> list[float] | None:
+    """'0.2, 0.5; 0.3' -> [0.2, 0.5, 0.3]; '' -> None. (Mixes and gains as users type them.)"""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return [float(v) for v in text.replace(";", ",").split(",")]
+    except ValueError:
+        raise ValueError(f"{name}: {text!r} is not a comma-separated list of numbers") from None
+
+
 @dataclass(frozen=True)
 class RoutingControls:
     """Overrides applied to the router's output.
@@ -51,6 +62,17 @@ class RoutingControls:
         def tensor(values):
             return None if values is None else torch.tensor([float(v) for v in values], device=device)
         return RoutingControls(self.tau, tensor(self.mix), tensor(self.gains))
+
+    @staticmethod
+    def from_text(num_experts: int, temperature: float = 0.0, force_expert: int = -1, mix: str = "",
+                  gains: str = "") -> "RoutingControls":
+        """Controls as a node's widgets give them: temperature 0 and force_expert -1 mean unset, mix and
+        gains are typed number lists ('' = unset)."""
+        if force_expert >= 0 and mix.strip():
+            raise ValueError("set either force_expert or mix, not both")
+        chosen = RoutingControls.forced(force_expert, num_experts).mix if force_expert >= 0 else \
+            parse_numbers(mix, "mix")
+        return RoutingControls(tau=temperature or None, mix=chosen, gains=parse_numbers(gains, "gains"))
 
     @staticmethod
     def forced(expert: int, num_experts: int) -> "RoutingControls":

@@ -102,7 +102,7 @@ class ApplyFeRA(io.ComfyNode):
                 mix: str = "", gains: str = "", start_percent: float = 0.0, end_percent: float = 1.0) -> io.NodeOutput:
         controls = routing_controls(temperature, force_expert, mix, gains, fera_adapter.config.num_experts)
         return io.NodeOutput(apply_fera(model, fera_adapter, strength, controls, start_percent, end_percent,
-                                        name=getattr(fera_adapter, "file_name", None)))
+                                        name=fera_adapter.name))
 
 
 class LoadFeRAModelOnly(io.ComfyNode):

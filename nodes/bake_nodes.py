@@ -9,10 +9,10 @@ from comfy_api.latest import io
 
 import folder_paths
 
-from ..fera_core.adapter_file import atomic_write
-from ..fera_core.bake import bake_lora, router_mix, save_lora
-from ..fera_core.bake_schedule import expert_loras, schedule, to_json, trace_steps
-from ..fera_core.bake_workflow import hook_workflow
+from ..fera_core.atomic import atomic_write
+from ..fera_core.bake.lora import bake_lora, router_mix, save_lora
+from ..fera_core.bake.schedule import expert_loras, schedule, to_json, trace_steps
+from ..fera_core.bake.workflow import hook_workflow
 from .adapter_nodes import CATEGORY, FeRAAdapterType, routing_controls
 from .files import free_stem
 from .inspect_nodes import FeRATraceType

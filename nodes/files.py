@@ -30,10 +30,9 @@ def load_named_adapter(name: str, reference_alpha: float = 1.0, reference_tau: f
         searched = folder_paths.get_folder_paths(FOLDER) + folder_paths.get_folder_paths("loras")
         raise FileNotFoundError(f"FeRA adapter '{name}' not found in models/{FOLDER} or models/loras "
                                 f"(searched: {', '.join(searched)}).")
-    adapter = load_adapter(path) if path.endswith(".safetensors") else \
-        load_adapter(path, alpha=reference_alpha, tau=reference_tau)
-    adapter.file_name = name  # named in routing traces and plots
-    return adapter
+    if path.endswith(".safetensors"):
+        return load_adapter(path, name=name)
+    return load_adapter(path, alpha=reference_alpha, tau=reference_tau, name=name)
 
 
 def free_stem(prefix: str, places: list[tuple[str, list[str]]]) -> str:

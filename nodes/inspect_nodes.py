@@ -12,7 +12,7 @@ from comfy_api.latest import io
 
 import folder_paths
 
-from ..fera_core.adapter_file import atomic_write
+from ..fera_core.atomic import atomic_write
 from ..fera_core.indicator import DEFINITIONS, REFERENCE, band_energies
 from ..fera_core.plot import X_LABELS, plot_band_energies, plot_routing
 from ..fera_core.trace import RoutingTrace

@@ -178,8 +178,8 @@ class TrainFeRA(io.ComfyNode):
         adapter, losses = train(model, adapter, images, positive, settings, retention, retention_positive,
                                 _progress(getattr(cls.hidden, "unique_id", None), steps))
         adapter = adapter.to("cpu")
-        previous = getattr(fera_adapter, "training", None)
-        adapter.training = dict(
+        previous = None if fera_adapter is None else fera_adapter.training_settings
+        adapter.training_settings = dict(
             steps=steps, learning_rate=learning_rate, batch_size=batch_size, grad_accumulation=grad_accumulation,
             seed=seed, training_dtype=training_dtype, gradient_checkpointing=gradient_checkpointing,
             diff_tuning=diff_tuning, retention_images=0 if retention is None else int(retention.shape[0]),

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fera_core import AdapterFileError, FeRAModel, RoutingControls, load_adapter
-from fera_core.bake import (BAKED_META, KOHYA, TRANSFORMER, bake_lora, key_style, lora_keys, read_baked_lora,
+from fera_core.bake.lora import (BAKED_META, KOHYA, TRANSFORMER, bake_lora, key_style, lora_keys, read_baked_lora,
                             router_mix, save_lora)
 
 ALPHA = 8.0  # scale 2: the reference fixture's experts then move the tiny UNet's output by ~1e-2

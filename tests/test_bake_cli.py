@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from fera_core import RoutingControls, band_energies, load_adapter
 from fera_core.__main__ import main
-from fera_core.bake import lora_keys, read_baked_lora
+from fera_core.bake.lora import lora_keys, read_baked_lora
 
 LAYER = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from fera_core import load_adapter
-from fera_core.bake import KOHYA, lora_keys
-from fera_core.bake_schedule import FORMAT, expert_loras, keyframes, schedule
-from fera_core.bake_workflow import hook_workflow
+from fera_core.bake.lora import KOHYA, lora_keys
+from fera_core.bake.schedule import FORMAT, expert_loras, keyframes, schedule
+from fera_core.bake.workflow import hook_workflow
 
 STEPS = [{"step": k, "sigma": s, "percent": p, "strengths": w} for k, (s, p, w) in enumerate([
     (14.6, 0.0, [0.7, 0.2, 0.1]), (5.0, 0.3, [0.5, 0.3, 0.2]), (1.2, 0.6, [0.2, 0.3, 0.5]), (0.1, 0.95, [0.1, 0.1, 0.8])])]

@@ -108,7 +108,7 @@ def test_convert_refuses_to_overwrite_without_force(tmp_path, ref_adapter_path, 
     dst = tmp_path / "a.safetensors"
     dst.write_bytes(b"precious")
     assert main(["convert", str(ref_adapter_path), str(dst)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {dst}: already exists; pass --force to overwrite it"
+    assert capsys.readouterr().err.strip() == f"error: {dst}: already exists; pass --force to overwrite"
     assert dst.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
 
     assert main(["convert", str(ref_adapter_path), str(dst), "--force"]) == 0

@@ -17,7 +17,7 @@ import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 
 from fera_core import RoutingControls  # noqa: E402
-from fera_core.bake import bake_lora, key_style, lora_keys, router_mix, save_lora  # noqa: E402
+from fera_core.bake.lora import bake_lora, key_style, lora_keys, router_mix, save_lora  # noqa: E402
 from test_comfy_families import adapter_for, run  # noqa: E402
 
 keys = pack_module("nodes.keys")

@@ -23,8 +23,8 @@ from test_comfy_apply import conds, make_adapter, tiny_patcher  # noqa: E402
 from test_comfy_nodes import models_dir  # noqa: E402,F401  (fixture)
 
 keys = pack_module("nodes.keys")
-bake_schedule = pack_module("fera_core.bake_schedule")
-bake_workflow = pack_module("fera_core.bake_workflow")
+bake_schedule = pack_module("fera_core.bake.schedule")
+bake_workflow = pack_module("fera_core.bake.workflow")
 bake = pack_module("fera_core.bake")
 RoutingTrace = pack_module("fera_core.trace").RoutingTrace
 WIDGET_KINDS = ("FLOAT", "INT", "STRING", "BOOLEAN", "COMBO")

@@ -116,7 +116,7 @@ def test_apply_names_traces_after_the_adapter_file():
     adapter = make_adapter(patcher.model)
     controls = dict(temperature=0.0, force_expert=-1, mix="", gains="", start_percent=0.0, end_percent=1.0)
     unnamed = nodes.ApplyFeRA.execute(patcher, adapter, 1.0, **controls).args[0]
-    adapter.file_name = "mine.safetensors"
+    adapter.name = "mine.safetensors"
     named = nodes.ApplyFeRA.execute(patcher, adapter, 1.0, **controls).args[0]
     adapter.config.base_model = ""
     assert routing.routings_of(named)[0].meta()["adapter"] == "mine.safetensors"

@@ -19,7 +19,7 @@ import comfy.samplers  # noqa: E402
 import comfy.supported_models as sm  # noqa: E402
 from comfy_extras.nodes_custom_sampler import Guider_Basic  # noqa: E402
 
-from fera_core.training import regression_target  # noqa: E402
+from fera_core.training.step import regression_target  # noqa: E402
 from test_comfy_nodes import models_dir  # noqa: E402,F401  (a throwaway models/ tree)
 
 training = pack_module("nodes.training")
@@ -294,7 +294,7 @@ def test_train_node_outputs_and_leaves_the_input_model_untouched(models_dir, mon
     # the bar moves with the steps (newer ComfyUI throttles the updates it forwards, so some may be skipped)
     assert bar[-1] == (6, 6) and bar == sorted(set(bar)) and set(bar) <= {(i, 6) for i in range(1, 7)}
     model, adapter, loss, text = out.args
-    assert len(loss["loss"]) == 6 and adapter.training["steps"] == 6 and adapter.config.base_model == "sd15"
+    assert len(loss["loss"]) == 6 and adapter.training_settings["steps"] == 6 and adapter.config.base_model == "sd15"
     assert f"{len(adapter.layers)} layers" in text and f"{adapter.num_parameters():,} parameters" in text
     assert not patcher.object_patches and not patcher.wrappers
     after_w = weights(patcher)
@@ -344,7 +344,7 @@ def test_save_load_apply_reproduces_the_trained_model(family, models_dir):
     names = adapter_nodes.LoadFeRAAdapter.GET_SCHEMA().inputs[0].options
     assert "runs/mine_00001_.safetensors" in names  # the loader's list shows it
     loaded = adapter_nodes.LoadFeRAAdapter.execute("runs/mine_00001_.safetensors").args[0]
-    assert loaded.training == adapter.training and loaded.training["layers"] == "attention"
+    assert loaded.training_settings == adapter.training and loaded.training_settings["layers"] == "attention"
     assert set(loaded.layers) == set(adapter.layers)
     if family != "sd15":  # fused q/k/v saved as diffusers' separate projections
         assert any(p.endswith("attn.to_q") for p in loaded.layers) and any(p.endswith("attn.to_v") for p in loaded.layers)
@@ -396,8 +396,8 @@ def test_continue_training_and_diff_tuning_with_retention_images(models_dir):
                                     retention_latents={"samples": ret}, batch_size=3).args
     assert all(torch.equal(kept[k], v) for k, v in _params(first).items())  # the input adapter is untouched
     assert any(not torch.equal(kept[k], v) for k, v in _params(second).items())
-    assert second.training["continued_from"]["steps"] == 3 and second.training["retention_images"] == 2
-    assert second.training["diff_tuning"] and all(torch.isfinite(torch.tensor(loss["loss"])))
+    assert second.training_settings["continued_from"]["steps"] == 3 and second.training_settings["retention_images"] == 2
+    assert second.training_settings["diff_tuning"] and all(torch.isfinite(torch.tensor(loss["loss"])))
 
 
 def diffusers_unet(patcher):
@@ -460,7 +460,7 @@ def test_lists_of_latents_and_conditionings_are_joined(models_dir):
     with torch.inference_mode():
         out = train_nodes.TrainFeRA.execute([patcher], [{"samples": lat[:1]}, {"samples": lat[1:]}],
                                             [pos[:1], pos[1:]], **args)
-    assert out.args[1].training["images"] == 2
+    assert out.args[1].training_settings["images"] == 2
     with pytest.raises(ValueError, match="the images have different sizes"):
         with torch.inference_mode():
             train_nodes.TrainFeRA.execute([patcher], [{"samples": lat[:1]}, {"samples": lat[1:, :, :4]}], [pos[:1]],

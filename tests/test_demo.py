@@ -8,7 +8,7 @@ import torch
 
 from fera_core import load_adapter
 from fera_core.__main__ import main
-from fera_core.demo_model import ASSET, TinyFlowUNet, load_base
+from fera_core.demo.model import ASSET, TinyFlowUNet, load_base
 from fera_core.trace import RoutingTrace
 
 pytest.importorskip("matplotlib")

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from fera_core import FeRAConfig
-from fera_core.diffusers_objective import SchedulerObjective
-from fera_core.training import EPSILON, FLOW, SAMPLE, V_PREDICTION, fera_loss, noise_draws, training_step
+from fera_core.training.diffusers_objective import SchedulerObjective
+from fera_core.training.step import EPSILON, FLOW, SAMPLE, V_PREDICTION, fera_loss, noise_draws, training_step
 
 diffusers = pytest.importorskip("diffusers")
 SD = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)

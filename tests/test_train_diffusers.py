@@ -22,10 +22,10 @@ from diffusers_pipeline import make_images, make_pipeline, make_sd3, make_sdxl  
 
 from fera_core import FeRAConfig, FeRAModel, load_adapter  # noqa: E402
 from fera_core.__main__ import main  # noqa: E402
-from fera_core.diffusers_objective import SchedulerObjective  # noqa: E402
-from fera_core.train_diffusers import (Denoiser, ImageCaptions, Pipeline, batch_indices, checkpoints,  # noqa: E402
+from fera_core.training.diffusers_objective import SchedulerObjective  # noqa: E402
+from fera_core.training.cli import (Denoiser, ImageCaptions, Pipeline, batch_indices, checkpoints,  # noqa: E402
                                        load_checkpoint, step_generator)
-from fera_core.training import noise_draws, training_step  # noqa: E402
+from fera_core.training.step import noise_draws, training_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +98,11 @@ def test_outputs_load_and_trace_every_row(straight):
     out, losses = straight
     assert [r["step"] for r in losses] == [1, 2, 3, 4, 5, 6]
     adapter = load_adapter(out / "adapter.safetensors")
-    assert adapter.config.base_model == "unknown" and len(adapter.layers) == 24  # to_q/k/v of attn1 and attn2 in four transformer blocks
+    # The family is recorded (SD1's UNet has no linear projection; was "unknown"), and fera.training holds the
+    # run's settings (was "true": nn.Module's train flag, which the adapter's attribute shadowed).
+    assert adapter.config.base_model == "sd15" and len(adapter.layers) == 24
+    assert adapter.training_settings["steps"] == 6 and adapter.training_settings["rank"] == 4
+    assert adapter.training is True  # to_q/k/v of attn1 and attn2 in four transformer blocks
     trace = json.loads((out / "adapter.trace.json").read_text())
     rows = trace["rows"]
     assert len(rows) == 6 * 4 and [r["step"] for r in rows[::4]] == [1, 2, 3, 4, 5, 6]

@@ -6,8 +6,9 @@ implementation independent of fera_core.
 import pytest
 import torch
 
-from fera_core import FeRAConfig, FeRAModel, fecl_loss, training
-from fera_core.training import (EPSILON, FLOW, HIGH_NOISE, LOW_NOISE, PREDICTIONS, SAMPLE, UNIFORM, V_PREDICTION,
+from fera_core import FeRAConfig, FeRAModel, fecl_loss
+from fera_core.training import step as training
+from fera_core.training.step import (EPSILON, FLOW, HIGH_NOISE, LOW_NOISE, PREDICTIONS, SAMPLE, UNIFORM, V_PREDICTION,
                                 fera_loss, noise_draws, prediction_from_x0, regression_target, sample_noise_levels,
                                 training_step)
 

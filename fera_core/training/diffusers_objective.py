@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .training import EPSILON, FLOW, SAMPLE, V_PREDICTION
+from .step import EPSILON, FLOW, SAMPLE, V_PREDICTION
 
 _PREDICTIONS = {"epsilon": EPSILON, "v_prediction": V_PREDICTION, "sample": SAMPLE}
 

@@ -7,7 +7,7 @@ with 2-pixel stripes (fine texture). Every attention block has to_q/to_k/to_v/to
 children, so FeRAModel finds them as it finds a diffusers UNet's.
 
 Train the shipped weights (settings in the README):
-    python -m fera_core.demo_model --steps 1000 --batch 24 --ema 0.99 --out fera_core/assets/demo_base.safetensors
+    python -m fera_core.demo.model --steps 1000 --batch 24 --ema 0.99 --out fera_core/assets/demo_base.safetensors
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter_file import atomic_write
+from ..atomic import atomic_write
 
 SIZE = 32
-ASSET = Path(__file__).resolve().parent / "assets" / "demo_base.safetensors"
+ASSET = Path(__file__).resolve().parents[1] / "assets" / "demo_base.safetensors"
 CHANNELS = (16, 48, 64)
 
 
@@ -176,7 +176,7 @@ def train_base(steps: int, batch: int, lr: float, seed: int, ema_decay: float, l
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fera_core.demo_model", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fera_core.demo.model", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=24)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ASSET))
     args = p.parse_args(argv)
     model = train_base(args.steps, args.batch, args.lr, args.seed, args.ema)
-    meta = {"trained_by": "python -m fera_core.demo_model", "settings": json.dumps(vars(args))}
+    meta = {"trained_by": "python -m fera_core.demo.model", "settings": json.dumps(vars(args))}
     sd = {k: v.half().contiguous() for k, v in model.state_dict().items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out, lambda tmp: save_file(sd, tmp, metadata=meta))

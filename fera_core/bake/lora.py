@@ -24,9 +24,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .adapter_file import AdapterFileError, FeRAAdapter, _check_tensors, atomic_write
-from .indicator import band_energies
-from .router import RoutingControls
+from ..adapter_file import AdapterFileError, FeRAAdapter, _check_tensors
+from ..atomic import atomic_write
+from ..indicator import band_energies
+from ..router import RoutingControls
 
 BAKED_META = "fera.baked"
 BAKE_VERSION = 1

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
-from .adapter_file import atomic_write, save_adapter
-from .config import FeRAConfig
-from .demo_model import ASSET, load_base, soft_discs, striped_tiles
-from .indicator import PARTITION
-from .model import FeRAModel
-from .trace import RoutingTrace
-from .training import FLOW, training_step
+from ..adapter_file import save_adapter
+from ..atomic import atomic_write, atomic_write_text
+from ..config import FeRAConfig
+from .model import ASSET, load_base, soft_discs, striped_tiles
+from ..indicator import PARTITION
+from ..model import FeRAModel
+from ..trace import RoutingTrace
+from ..training import FLOW, training_step
 
 # Settings of the full run and of --quick (CI), in optimizer steps, sampling steps and samples.
 FULL = {"steps": 200, "batch": 16, "sample_steps": 24, "samples": 8}
@@ -57,11 +58,7 @@ class FlowObjective:
         return 1 - u, u, u
 
     def predict(self, x_t, sigma, cond, experts):
-        if not experts:
-            with self.fera.disabled():
-                return self.fera.base_model(x_t, sigma)
-        self.fera.prepare_forward(x_t)
-        return self.fera.base_model(x_t, sigma)
+        return self.fera.predict(x_t, sigma, experts=experts)
 
 
 def progress(label: str, done: int, total: int, extra: str = "") -> None:
@@ -95,14 +92,9 @@ def sample(fera: FeRAModel, n: int, steps: int, seed: int, experts: bool, trace:
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
     for i in range(steps):
         sigma = sigmas[i].expand(n)
-        if experts:
-            weights = fera.prepare_forward(x)
-            if trace is not None:
-                trace.record(fera.current_e_t, weights, sigma, step=i)
-            v = fera.base_model(x, sigma)
-        else:
-            with fera.disabled():
-                v = fera.base_model(x, sigma)
+        v = fera.predict(x, sigma, experts=experts)
+        if experts and trace is not None:
+            trace.record(fera.current_e_t, fera.current_weights, sigma, step=i)
         x = x + (sigmas[i + 1] - sigmas[i]) * v
         progress(label, i + 1, steps)
     return x.clamp(-1, 1)
@@ -143,7 +135,7 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from .plot import save_routing_plot
+    from ..plot import save_routing_plot
 
     settings = QUICK if args.quick else FULL
     out = Path(args.output)
@@ -165,7 +157,7 @@ def _run(args) -> int:
     save_grid({"base data": soft_discs(n, g), "base model": base, "FeRA": adapted, "adaptation data": striped_tiles(n, g)},
               paths["grid"])
     save_routing_plot(trace, paths["routing chart"], title="FeRA demo: expert weights while sampling")
-    atomic_write(paths["trace"], lambda tmp: Path(tmp).write_text(trace.to_json(), encoding="utf-8"))
+    atomic_write_text(paths["trace"], trace.to_json())
     save_adapter(fera.adapter, paths["adapter"])
     print(f"adaptation loss {sum(losses[:10]) / 10:.3f} -> {sum(losses[-10:]) / 10:.3f}; "
           f"{time.time() - start:.0f} s", file=sys.stderr)

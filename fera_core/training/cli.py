@@ -21,31 +21,23 @@ optimizer and LR-schedule state, step, losses, trace; each written atomically).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
-import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .adapter_file import atomic_write
-from .config import FeRAConfig
+from ..atomic import atomic_write_text
+from ..cli import guarded
+from ..config import FeRAConfig
+from ..indicator import DEFINITIONS, REFERENCE
+from ..model import FeRAModel
+from ..trace import RoutingTrace
+from .checkpoints import checkpoints, load_checkpoint, save_checkpoint, settings_of
+from .data import ImageCaptions, TrainingError, batch_indices, derived_seed, step_generator
 from .diffusers_objective import SchedulerObjective
-from .indicator import DEFINITIONS, REFERENCE
-from .model import FeRAModel
-from .trace import RoutingTrace
-from .training import noise_draws, training_step
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-_CHECKPOINT = re.compile(r"^step-(\d+)\.pt$")
-_FAMILIES = {768: "sd15", 1024: "sd2"}  # UNet cross-attention width -> model family
-# Settings a resumed run must share with the checkpoint (others, like --max-steps, may change).
-_RESUME_KEYS = ("pipeline", "data", "batch_size", "resolution", "seed", "rank", "alpha", "num_experts", "num_bands",
-                "tau", "indicator", "targets", "match_full_name", "fecl_weight", "diff_tuning", "learning_rate",
-                "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "warmup_steps")
+from .pipeline import Denoiser, Pipeline
+from .step import noise_draws, training_step
 
 
 def add_parser(sub) -> None:
@@ -84,178 +76,9 @@ def add_parser(sub) -> None:
     p.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT/checkpoints")
     p.add_argument("--log-every", type=int, default=10, help="steps between loss read-outs (each one syncs)")
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=guarded(run))
 
 
-class TrainingError(ValueError):
-    """A setting or input the trainer cannot use; the message says which and why."""
-
-
-# ---------------------------------------------------------------------------------------- data
-class ImageCaptions:
-    """Images with same-named .txt captions, resized (shorter side) and centre-cropped, in [-1, 1]."""
-
-    def __init__(self, folder, resolution: int):
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise TrainingError(f"image folder {folder} does not exist")
-        self.images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.images:
-            raise TrainingError(f"{folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
-        missing = [p.name for p in self.images if not p.with_suffix(".txt").is_file()]
-        if missing:
-            raise TrainingError(f"{len(missing)} images in {folder} have no .txt caption, e.g. {missing[:3]}")
-        self.captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in self.images]
-        self.resolution = resolution
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def pixels(self, index: int) -> torch.Tensor:
-        import numpy as np
-        from PIL import Image
-
-        with Image.open(self.images[index]) as im:
-            im = im.convert("RGB")
-            r = self.resolution
-            scale = r / min(im.size)
-            im = im.resize((max(r, round(im.width * scale)), max(r, round(im.height * scale))), Image.BICUBIC)
-            left, top = (im.width - r) // 2, (im.height - r) // 2
-            im = im.crop((left, top, left + r, top + r))
-            return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
-
-
-def batch_indices(step: int, batch: int, n: int, seed: int) -> list[int]:
-    """The global batch of optimizer step `step`: the next rows of a stream of seeded permutations
-    (one per epoch), so any step's batch is known without replaying the ones before it."""
-    out, start = [], step * batch
-    epoch, pos = divmod(start, n)
-    while len(out) < batch:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, epoch, -1))).tolist()
-        out += perm[pos:pos + batch - len(out)]
-        epoch, pos = epoch + 1, 0
-    return out
-
-
-def derived_seed(*parts: int) -> int:
-    """A 32-bit seed from several integers: torch's CPU generator keeps only a seed's low 32 bits, so
-    packing them (seed << 32 | step) would drop the run's seed."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
-
-
-def step_generator(seed: int, step: int, device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(derived_seed(seed, step))
-
-
-# ------------------------------------------------------------------------------------ pipeline
-_KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
-
-
-class Pipeline:
-    """A diffusers pipeline's frozen parts as the trainer uses them: latents from the VAE (posterior
-    mean: deterministic, so every process and every resume sees the same x0), conditioning from the
-    pipeline's own encode_prompt, and how its UNet or transformer is called."""
-
-    def __init__(self, path, device, dtype):
-        path = Path(path)
-        index_file = path / "model_index.json"
-        if not index_file.is_file():
-            raise TrainingError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
-        index = json.loads(index_file.read_text())
-        self.kind = _KINDS.get(index.get("_class_name"))
-        if self.kind is None:
-            raise TrainingError(f"{path}: {index.get('_class_name')} is not supported; supported pipelines: "
-                                f"{sorted(_KINDS)}")
-        from diffusers import DiffusionPipeline
-        # Absent parts (SD3 without T5) stay absent; an SD safety checker is not needed to train.
-        skip = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
-        if self.kind == "sd":
-            skip.update(safety_checker=None, feature_extractor=None)
-        self.pipe = DiffusionPipeline.from_pretrained(str(path), **skip)
-        for module in self.pipe.components.values():
-            if isinstance(module, nn.Module):
-                module.requires_grad_(False).eval().to(device, dtype)
-        self.model = self.pipe.transformer if self.kind == "sd3" else self.pipe.unet
-        self.scheduler, self.device, self.dtype = self.pipe.scheduler, device, dtype
-        vae = self.pipe.vae.config
-        self.scaling, self.shift = vae.scaling_factor, vae.get("shift_factor") or 0.0
-
-    @property
-    def family(self) -> str:
-        if self.kind == "sd":
-            return _FAMILIES.get(self.model.config.cross_attention_dim, "unknown")
-        return self.kind
-
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        factor = self.pipe.vae_scale_factor
-        if resolution % factor:
-            raise TrainingError(f"--resolution {resolution} is not a multiple of the VAE's factor {factor}")
-        return self.pipe.vae.config.latent_channels, resolution // factor, resolution // factor
-
-    @torch.no_grad()
-    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        dist = self.pipe.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
-        return ((dist.mean - self.shift) * self.scaling).float()
-
-    @torch.no_grad()
-    def text(self, captions: list[str], resolution: int) -> dict:
-        kw = dict(device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-        if self.kind == "sd":
-            return {"encoder_hidden_states": self.pipe.encode_prompt(captions, **kw)[0]}
-        if self.kind == "sd3":
-            embeds, _, pooled, _ = self.pipe.encode_prompt(captions, None, None, **kw)
-            return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-        embeds, _, pooled, _ = self.pipe.encode_prompt(captions, **kw)
-        # SDXL's size conditioning: original = target = the training size, no crop.
-        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=self.device)
-        return {"encoder_hidden_states": embeds,
-                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(embeds.dtype).expand(len(captions), 6)}}
-
-    def __call__(self, model: nn.Module, x_t: torch.Tensor, timestep, cond: dict) -> torch.Tensor:
-        x_t = x_t.to(self.dtype)
-        if self.kind == "sd3":
-            return model(hidden_states=x_t, timestep=timestep, return_dict=False, **cond)[0]
-        return model(x_t, timestep, return_dict=False, **cond)[0]
-
-
-class Denoiser(nn.Module):
-    """FeRAModel's UNet or transformer as the one module accelerate wraps (DDP, autocast): forward routes
-    by the latent and calls the model, or calls it with the experts off. Keeps the last routing."""
-
-    def __init__(self, fera: FeRAModel, call):
-        super().__init__()
-        self.fera, self.call = fera, call
-        self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def forward(self, x_t, timestep, cond, experts: bool):
-        if not experts:
-            with self.fera.disabled():
-                return self.call(self.fera.base_model, x_t, timestep, cond)
-        weights = self.fera.prepare_forward(x_t)
-        self.routing = (self.fera.current_e_t.detach(), weights.detach())
-        return self.call(self.fera.base_model, x_t, timestep, cond)
-
-
-# --------------------------------------------------------------------------------- checkpoints
-def checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the complete checkpoints, oldest first (temporary files never match)."""
-    if not folder.is_dir():
-        return []
-    found = [(int(m[1]), p) for p in folder.iterdir() if (m := _CHECKPOINT.match(p.name))]
-    return sorted(found)
-
-
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(str(path), map_location="cpu", weights_only=True)
-
-
-def settings_of(args) -> dict:
-    out = {k: getattr(args, k) for k in _RESUME_KEYS}
-    out["pipeline"], out["data"] = str(Path(args.pipeline).resolve()), str(Path(args.data).resolve())
-    return out
-
-
-# ------------------------------------------------------------------------------------ training
 def _config(args, family: str) -> FeRAConfig:
     family = args.base_model or family
     try:
@@ -379,7 +202,7 @@ def train(args) -> dict:
             trace_rows += _shifted(trace, trace_rows)
             trace = new_trace()
             if acc.is_main_process:
-                _save_checkpoint(ckpt_dir, done, fera, optimizer, lr_schedule, losses, trace_rows, settings_of(args),
+                save_checkpoint(ckpt_dir, done, fera, optimizer, lr_schedule, losses, trace_rows, settings_of(args),
                                  args.keep_checkpoints)
             acc.wait_for_everyone()
     bar.close()
@@ -387,9 +210,13 @@ def train(args) -> dict:
     if acc.is_main_process:
         meta = {"adapter": paths["adapter"].name, "run": "training", "settings": settings_of(args),
                 "processes": acc.num_processes}
+        fera.adapter.training_settings = dict(settings_of(args), steps=args.max_steps, processes=acc.num_processes,
+                                              mixed_precision=acc.mixed_precision,
+                                              final_loss=losses[-1]["loss"] if losses else None)
         fera.save_adapters(paths["adapter"])
-        _write_text(paths["trace"], RoutingTrace.from_rows(trace_rows, meta).to_json())
-        _write_text(paths["losses"], json.dumps(losses))
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(paths["trace"], RoutingTrace.from_rows(trace_rows, meta).to_json())
+        atomic_write_text(paths["losses"], json.dumps(losses))
     acc.wait_for_everyone()
     acc.end_training()
     return paths
@@ -401,28 +228,7 @@ def _shifted(trace: RoutingTrace, earlier: list[dict]) -> list[dict]:
     return [dict(r, call=r["call"] + offset) for r in trace.rows()]
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def _save_checkpoint(folder: Path, step: int, fera: FeRAModel, optimizer, lr_schedule, losses, trace_rows,
-                     settings: dict, keep: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "adapter": {k: v.detach().cpu() for k, v in fera.adapter.state_dict().items()},
-             "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(), "losses": losses,
-             "trace": json.dumps(trace_rows), "settings": settings, "config": fera.config.to_dict()}
-    atomic_write(folder / f"step-{step:08d}.pt", lambda tmp: torch.save(state, tmp))
-    for _, old in checkpoints(folder)[:-keep]:
-        old.unlink(missing_ok=True)
-
-
-def run(args) -> int:
-    try:
-        paths = train(args)
-    except TrainingError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def run(args) -> None:
+    paths = train(args)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
-    return 0

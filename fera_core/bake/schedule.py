@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 
-from .adapter_file import FeRAAdapter
-from .bake import bake_lora
+from ..adapter_file import FeRAAdapter
+from .lora import bake_lora
 
 FORMAT, VERSION = "fera.lora_schedule", 1
 

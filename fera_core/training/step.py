@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
-from .config import FeRAConfig
-from .fecl import fecl_loss
+from ..config import FeRAConfig
+from ..fecl import fecl_loss
 
 EPSILON, V_PREDICTION, FLOW, SAMPLE = "epsilon", "v_prediction", "flow", "sample"
 PREDICTIONS = (EPSILON, V_PREDICTION, FLOW, SAMPLE)
