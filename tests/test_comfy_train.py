@@ -344,7 +344,7 @@ def test_save_load_apply_reproduces_the_trained_model(family, models_dir):
     names = adapter_nodes.LoadFeRAAdapter.GET_SCHEMA().inputs[0].options
     assert "runs/mine_00001_.safetensors" in names  # the loader's list shows it
     loaded = adapter_nodes.LoadFeRAAdapter.execute("runs/mine_00001_.safetensors").args[0]
-    assert loaded.training_settings == adapter.training and loaded.training_settings["layers"] == "attention"
+    assert loaded.training_settings == adapter.training_settings and loaded.training_settings["layers"] == "attention"
     assert set(loaded.layers) == set(adapter.layers)
     if family != "sd15":  # fused q/k/v saved as diffusers' separate projections
         assert any(p.endswith("attn.to_q") for p in loaded.layers) and any(p.endswith("attn.to_v") for p in loaded.layers)
