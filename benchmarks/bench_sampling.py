@@ -71,7 +71,7 @@ import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402
 
 routing = pack_module("nodes.routing")
-keys = pack_module("nodes.keys")
+keys = pack_module("nodes.module_paths")
 fc = pack_module("fera_core")
 trace_mod = pack_module("fera_core.trace")
 

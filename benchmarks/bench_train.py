@@ -69,11 +69,11 @@ from comfy.weight_adapter import adapter_maps  # noqa: E402
 from comfy_extras import nodes_train  # noqa: E402
 from comfy_extras.nodes_custom_sampler import Guider_Basic  # noqa: E402
 
-training = pack_module("nodes.training")
+training = pack_module("nodes.train_loop")
 train_nodes = pack_module("nodes.train_nodes")
 objective_mod = pack_module("nodes.objective")
 core_training = pack_module("fera_core.training")
-keys = pack_module("nodes.keys")
+keys = pack_module("nodes.module_paths")
 
 EXPERTS, RANK = 3, 4
 _LIBC = ctypes.CDLL("libc.so.6")

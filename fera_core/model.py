@@ -29,6 +29,11 @@ ADAPTABLE = (nn.Linear, nn.Conv2d)
 RECORDED_FIELDS = ("rank", "alpha", "num_experts", "num_bands", "router_tau", "router_hidden", "indicator")
 
 
+def matches_full_name(path: str, target_modules) -> bool:
+    """The full-name rule: the dotted path is a target or ends with "." + target."""
+    return any(path == t or path.endswith("." + t) for t in target_modules)
+
+
 def find_targets(module: nn.Module, target_modules, match_full_name: bool = False) -> dict[str, nn.Module]:
     """Layers to adapt, by module path.
 
@@ -37,8 +42,8 @@ def find_targets(module: nn.Module, target_modules, match_full_name: bool = Fals
     Conv2d whose dotted path is a target or ends with "." + target.
     """
     if match_full_name:
-        return {path: mod for path, mod in module.named_modules() if isinstance(mod, ADAPTABLE)
-                and any(path == t or path.endswith("." + t) for t in target_modules)}
+        return {path: mod for path, mod in module.named_modules()
+                if isinstance(mod, ADAPTABLE) and matches_full_name(path, target_modules)}
     found = {}
 
     def visit(mod, prefix):
@@ -52,11 +57,14 @@ def find_targets(module: nn.Module, target_modules, match_full_name: bool = Fals
     return found
 
 
-def new_experts(layer: nn.Module, config: FeRAConfig) -> RoutedExperts:
+def new_experts(layer: nn.Module, config: FeRAConfig, out_features: int | None = None) -> RoutedExperts:
+    """Freshly initialised experts for a Linear or Conv2d; out_features: for experts that write only a
+    slice of the layer's outputs (one projection of a fused q/k/v layer)."""
     if isinstance(layer, nn.Conv2d):
-        return RoutedExperts(layer.in_channels, layer.out_channels, config.num_experts, config.rank, config.alpha,
-                             tuple(layer.kernel_size))
-    return RoutedExperts(layer.in_features, layer.out_features, config.num_experts, config.rank, config.alpha)
+        return RoutedExperts(layer.in_channels, out_features or layer.out_channels, config.num_experts, config.rank,
+                             config.alpha, tuple(layer.kernel_size))
+    return RoutedExperts(layer.in_features, out_features or layer.out_features, config.num_experts, config.rank,
+                         config.alpha)
 
 
 def check_fits(path: str, experts: RoutedExperts, layer: nn.Module, out_slice: tuple[int, int] | None = None) -> None:

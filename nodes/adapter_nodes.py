@@ -4,42 +4,9 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..fera_core.router import RoutingControls
-from .files import adapter_names, load_named_adapter
+from .model_folder import load_named_adapter
 from .routing import apply_fera
-
-CATEGORY = "FeRA"
-FeRAAdapterType = io.Custom("FERA_ADAPTER")
-
-
-def _numbers(name: str, text: str) -> list[float] | None:
-    """'0.2, 0.5, 0.3' -> [0.2, 0.5, 0.3]; '' -> None."""
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        return [float(v) for v in text.replace(";", ",").split(",")]
-    except ValueError:
-        raise ValueError(f"{name}: {text!r} is not a comma-separated list of numbers") from None
-
-
-def routing_controls(temperature: float, force_expert: int, mix: str, gains: str, num_experts: int) -> RoutingControls:
-    if force_expert >= 0 and mix.strip():
-        raise ValueError("set either force_expert or mix, not both")
-    if force_expert >= 0:
-        base = RoutingControls.forced(force_expert, num_experts)
-    else:
-        base = RoutingControls(mix=_numbers("mix", mix))
-    return RoutingControls(tau=temperature or None, mix=base.mix, gains=_numbers("gains", gains))
-
-
-def _adapter_input():
-    return io.Combo.Input("adapter_name", options=adapter_names(),
-                          tooltip="Adapter file from models/fera (files in models/loras are listed too).")
-
-
-def _strength_input():
-    return io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
-                          tooltip="Multiplier of the experts' update; 0 leaves the model exactly as it was.")
+from .sockets import CATEGORY, FeRAAdapterType, adapter_name_input, percent_inputs, strength_input, temperature_input
 
 
 class LoadFeRAAdapter(io.ComfyNode):
@@ -52,7 +19,7 @@ class LoadFeRAAdapter(io.ComfyNode):
             description="Reads a FeRA adapter (router + experts): this pack's .safetensors or a file written by "
                         "the authors' reference code (.pt, read without unpickling).",
             inputs=[
-                _adapter_input(),
+                adapter_name_input(),
                 io.Float.Input("reference_alpha", default=1.0, min=0.0, max=1024.0, step=0.01, optional=True,
                                tooltip="LoRA alpha for reference .pt files, which do not record it (reference "
                                        "default 1.0). Ignored for .safetensors."),
@@ -80,19 +47,16 @@ class ApplyFeRA(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to adapt (left unchanged; a patched copy is returned)."),
                 FeRAAdapterType.Input("fera_adapter", tooltip="From Load FeRA Adapter."),
-                _strength_input(),
-                io.Float.Input("temperature", default=0.0, min=0.0, max=100.0, step=0.01, optional=True,
-                               tooltip="Router softmax temperature; 0 keeps the adapter's own. Lower = one expert dominates."),
+                strength_input(),
+                temperature_input("Router softmax temperature; 0 keeps the adapter's own. Lower = one expert dominates."),
                 io.Int.Input("force_expert", default=-1, min=-1, max=63, optional=True,
                              tooltip="Use only this expert at every step (-1: let the router decide)."),
                 io.String.Input("mix", default="", optional=True,
                                 tooltip="Fixed expert weights instead of the router, e.g. '0.5, 0.5, 0'. Empty: router."),
                 io.String.Input("gains", default="", optional=True,
                                 tooltip="Per-expert multipliers applied after routing, e.g. '1, 1, 1.5'. Empty: all 1."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, optional=True,
-                               tooltip="Fraction of the sampling schedule at which the experts start acting."),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, optional=True,
-                               tooltip="Fraction of the sampling schedule after which the experts stop acting."),
+                *percent_inputs("Fraction of the sampling schedule at which the experts start acting.",
+                                "Fraction of the sampling schedule after which the experts stop acting."),
             ],
             outputs=[io.Model.Output(tooltip="The model with FeRA routing.")],
         )
@@ -100,7 +64,7 @@ class ApplyFeRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, fera_adapter, strength: float, temperature: float = 0.0, force_expert: int = -1,
                 mix: str = "", gains: str = "", start_percent: float = 0.0, end_percent: float = 1.0) -> io.NodeOutput:
-        controls = routing_controls(temperature, force_expert, mix, gains, fera_adapter.config.num_experts)
+        controls = RoutingControls.from_text(fera_adapter.config.num_experts, temperature, force_expert, mix, gains)
         return io.NodeOutput(apply_fera(model, fera_adapter, strength, controls, start_percent, end_percent,
                                         name=fera_adapter.name))
 
@@ -113,7 +77,7 @@ class LoadFeRAModelOnly(io.ComfyNode):
             display_name="Load FeRA (model only)",
             category=CATEGORY,
             description="Load FeRA Adapter and Apply FeRA in one node, with the router's own routing.",
-            inputs=[io.Model.Input("model", tooltip="The diffusion model to adapt."), _adapter_input(), _strength_input()],
+            inputs=[io.Model.Input("model", tooltip="The diffusion model to adapt."), adapter_name_input(), strength_input()],
             outputs=[io.Model.Output(tooltip="The model with FeRA routing.")],
         )
 

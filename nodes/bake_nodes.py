@@ -3,35 +3,27 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 from comfy_api.latest import io
 
 import folder_paths
 
-from ..fera_core.atomic import atomic_write
-from ..fera_core.bake.lora import bake_lora, router_mix, save_lora
+from ..fera_core.atomic import atomic_write_text
+from ..fera_core.bake.lora import bake_lora, save_lora
+from ..fera_core.bake.mix import ROWS, resolve_mix, trace_rows
 from ..fera_core.bake.schedule import expert_loras, schedule, to_json, trace_steps
 from ..fera_core.bake.workflow import hook_workflow
-from .adapter_nodes import CATEGORY, FeRAAdapterType, routing_controls
-from .files import free_stem
-from .inspect_nodes import FeRATraceType
+from ..fera_core.router import parse_numbers
+from .model_folder import free_stem
+from .sockets import CATEGORY, FeRAAdapterType, FeRATraceType, percent_inputs, strength_input, temperature_input
+
 SOURCES = ("mix", "expert", "router (latent)", "trace window")
-ROWS = ("all", "cond", "uncond")
-
-
-def _rows(rows: str) -> str | None:
-    return None if rows == "all" else rows
+_STRENGTH = "Apply FeRA's strength, folded into the LoRA (load it at strength 1 to match)."
 
 
 def _prefix_input():
     return io.String.Input("filename_prefix", default="fera_baked",
                            tooltip="Name of the file(s) in models/loras; a counter is appended, nothing is overwritten.")
-
-
-def _strength_input():
-    return io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
-                          tooltip="Apply FeRA's strength, folded into the LoRA (load it at strength 1 to match).")
 
 
 def _rows_input():
@@ -57,7 +49,7 @@ class BakeFeRAToLoRA(io.ComfyNode):
                                        "router's own mix for the latent input (mean over its rows); trace window: "
                                        "the mean mix of a routing trace between start and end percent."),
                 _prefix_input(),
-                _strength_input(),
+                strength_input(_STRENGTH),
                 io.String.Input("mix", default="1, 1, 1", optional=True,
                                 tooltip="Expert weights for mix_source 'mix', e.g. '0.2, 0.5, 0.3' (normalised)."),
                 io.Int.Input("expert", default=0, min=0, max=63, optional=True,
@@ -65,13 +57,10 @@ class BakeFeRAToLoRA(io.ComfyNode):
                 io.Latent.Input("latent", optional=True,
                                 tooltip="Latent whose band energies the router reads, for 'router (latent)'."),
                 FeRATraceType.Input("trace", optional=True, tooltip="Routing trace, for 'trace window'."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, optional=True,
-                               tooltip="Start of the trace window (fraction of the schedule)."),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, optional=True,
-                               tooltip="End of the trace window (fraction of the schedule)."),
+                *percent_inputs("Start of the trace window (fraction of the schedule).",
+                                "End of the trace window (fraction of the schedule)."),
                 _rows_input(),
-                io.Float.Input("temperature", default=0.0, min=0.0, max=100.0, step=0.01, optional=True,
-                               tooltip="Router temperature for 'router (latent)'; 0 = the adapter's own."),
+                temperature_input("Router temperature for 'router (latent)'; 0 = the adapter's own."),
             ],
             outputs=[io.String.Output(display_name="lora_name", tooltip="The written file, as LoRA loaders list it.")],
         )
@@ -80,26 +69,14 @@ class BakeFeRAToLoRA(io.ComfyNode):
     def execute(cls, fera_adapter, mix_source: str, filename_prefix: str, strength: float, mix: str = "1, 1, 1",
                 expert: int = 0, latent=None, trace=None, start_percent: float = 0.0, end_percent: float = 1.0,
                 rows: str = "all", temperature: float = 0.0) -> io.NodeOutput:
-        m_count = fera_adapter.config.num_experts
-        if mix_source == "mix":
-            weights = router_mix(fera_adapter, controls=routing_controls(0.0, -1, mix, "", m_count))
-            source = {"kind": "mix"}
-        elif mix_source == "expert":
-            weights = router_mix(fera_adapter, controls=routing_controls(0.0, expert, "", "", m_count))
-            source = {"kind": "expert", "expert": expert}
-        elif mix_source == "router (latent)":
-            if latent is None:
-                raise ValueError("mix_source 'router (latent)' needs the latent input connected")
-            weights = router_mix(fera_adapter, latent=latent["samples"],
-                                 controls=routing_controls(temperature, -1, "", "", m_count))
-            source = {"kind": "router", "latent_shape": list(latent["samples"].shape)}
-        elif mix_source == "trace window":
-            if trace is None:
-                raise ValueError("mix_source 'trace window' needs the trace input connected")
-            weights = trace.mean_weights(start_percent, end_percent, _rows(rows))
-            source = {"kind": "trace", "window": [start_percent, end_percent], "rows": rows}
-        else:
+        sources = {"mix": lambda: dict(mix=parse_numbers(mix, "mix")), "expert": lambda: dict(expert=expert),
+                   "router (latent)": lambda: dict(latent=_connected(latent, "latent", mix_source)["samples"],
+                                                   temperature=temperature),
+                   "trace window": lambda: dict(trace=_connected(trace, "trace", mix_source),
+                                                window=(start_percent, end_percent), rows=rows)}
+        if mix_source not in sources:
             raise ValueError(f"unknown mix_source {mix_source!r}; expected one of {SOURCES}")
+        weights, source = resolve_mix(fera_adapter, **sources[mix_source]())
         tensors, meta = bake_lora(fera_adapter, weights, strength, source)
         folder = folder_paths.get_folder_paths("loras")[0]
         name = free_stem(filename_prefix, [(folder, [".safetensors"])]) + ".safetensors"
@@ -123,7 +100,7 @@ class BakeFeRAToLoRASchedule(io.ComfyNode):
                 FeRAAdapterType.Input("fera_adapter", tooltip="The FeRA adapter the trace was recorded with."),
                 FeRATraceType.Input("trace", tooltip="Routing trace of a sampling run (FeRA Routing Trace)."),
                 _prefix_input(),
-                _strength_input(),
+                strength_input(_STRENGTH),
                 _rows_input(),
             ],
             outputs=[io.String.Output(display_name="lora_names", tooltip="The expert LoRA files, one per line."),
@@ -133,7 +110,7 @@ class BakeFeRAToLoRASchedule(io.ComfyNode):
     @classmethod
     def execute(cls, fera_adapter, trace, filename_prefix: str, strength: float, rows: str = "all") -> io.NodeOutput:
         m_count = fera_adapter.config.num_experts
-        steps = trace_steps(trace, _rows(rows))
+        steps = trace_steps(trace, trace_rows(rows))
         if len(steps[0]["strengths"]) != m_count:
             raise ValueError(f"the trace has {len(steps[0]['strengths'])} experts, the adapter {m_count}")
         loras, output = folder_paths.get_folder_paths("loras")[0], folder_paths.get_output_directory()
@@ -147,8 +124,14 @@ class BakeFeRAToLoRASchedule(io.ComfyNode):
         if data["keyframes"]:
             texts["_workflow.json"] = json.dumps(hook_workflow(data), indent=1)
         for suffix, text in texts.items():
-            atomic_write(os.path.join(output, stem + suffix), lambda tmp, text=text: Path(tmp).write_text(text))
+            atomic_write_text(os.path.join(output, stem + suffix), text)
         return io.NodeOutput("\n".join(names), to_json(data), ui={"text": names})
+
+
+def _connected(value, name: str, source: str):
+    if value is None:
+        raise ValueError(f"mix_source {source!r} needs the {name} input connected")
+    return value
 
 
 NODES = [BakeFeRAToLoRA, BakeFeRAToLoRASchedule]

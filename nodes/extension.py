@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from . import adapter_nodes, bake_nodes, inspect_nodes, train_nodes
-from .files import register_folder
+from .model_folder import register_folder
 
 
 class FeRAExtension(ComfyExtension):

@@ -12,15 +12,14 @@ from comfy_api.latest import io
 
 import folder_paths
 
-from ..fera_core.atomic import atomic_write
+from ..fera_core.atomic import atomic_write_text
 from ..fera_core.indicator import DEFINITIONS, REFERENCE, band_energies
 from ..fera_core.plot import X_LABELS, plot_band_energies, plot_routing
 from ..fera_core.trace import RoutingTrace
-from .adapter_nodes import CATEGORY
+from .model_folder import free_stem
 from .routing import routings_of
+from .sockets import CATEGORY, FeRATraceType
 from .tracing import TRACE_NODE
-
-FeRATraceType = io.Custom("FERA_TRACE")
 
 
 def _image(pixels) -> torch.Tensor:
@@ -128,23 +127,12 @@ class SaveFeRATrace(io.ComfyNode):
     @classmethod
     def execute(cls, trace: RoutingTrace, filename_prefix: str) -> io.NodeOutput:
         output_dir = folder_paths.get_output_directory()
-        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
-        os.makedirs(folder, exist_ok=True)
-
-        def stem(n):
-            return os.path.join(folder, f"{name}_{n:05}_")
-        while os.path.exists(stem(counter) + ".json") or os.path.exists(stem(counter) + ".csv"):
-            counter += 1
-        files = []
-        for ext, text in ((".json", trace.to_json()), (".csv", trace.to_csv())):
-            path = atomic_write(stem(counter) + ext, lambda tmp, text=text: _write_text(tmp, text))
-            files.append({"filename": path.name, "subfolder": subfolder, "type": "output"})
-        return io.NodeOutput(ui={"fera_files": files})
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
+        stem = free_stem(filename_prefix, [(output_dir, ["_.json", "_.csv"])])
+        subfolder, name = os.path.split(stem)
+        for ext, text in (("_.json", trace.to_json()), ("_.csv", trace.to_csv())):
+            atomic_write_text(os.path.join(output_dir, stem + ext), text)
+        return io.NodeOutput(ui={"fera_files": [{"filename": name + ext, "subfolder": subfolder, "type": "output"}
+                                                for ext in ("_.json", "_.csv")]})
 
 
 class FeRALatentBandEnergy(io.ComfyNode):

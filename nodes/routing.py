@@ -3,18 +3,19 @@
 One APPLY_MODEL wrapper routes each model call: it reads the band energies of the latent
 rows the network receives (before concat-conditioning channels are appended; e_t is
 invariant to the sampler's per-row input scaling), runs the router once, and leaves the
-per-row expert gains on a small state object for the duration of the call. Each adapted
+per-row expert gains on FeRARouting.call for the duration of the call. Each adapted
 layer gets a forward hook, installed with add_object_patch so that ComfyUI applies and
 reverts it with the model's other patches and its weight casting and offloading keep
-working. Everything lives on the patcher clone: two FeRA models never share routing.
-An OUTER_SAMPLE wrapper gives each sampling run its own state (the schedule window, the
-trace when tracing is on; see tracing.py), so samplers and queue runs never share one.
+working. An OUTER_SAMPLE wrapper gives each sampling run its own _Run (the schedule window,
+the trace when tracing is on, see tracing.py, and the device copies of router and experts),
+so samplers and queue runs never share one.
 """
 from __future__ import annotations
 
 import copy
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
@@ -23,12 +24,13 @@ import comfy.patcher_extension as ext
 
 from ..fera_core.adapter_file import FeRAAdapter
 from ..fera_core.experts import add_experts, expert_gains
+from ..fera_core.families import display_name
 from ..fera_core.indicator import band_energies
 from ..fera_core.model import check_fits
 from ..fera_core.plot import title_of
 from ..fera_core.router import RoutingControls
 from ..fera_core.trace import RoutingTrace
-from .keys import diffusers_to_comfy, model_family
+from .module_paths import diffusers_to_comfy, model_family
 from .tracing import RUNS_KEY, RunLog, TracedRun, requested
 
 WRAPPER_KEY = "fera"
@@ -60,44 +62,58 @@ def match_layers(model, adapter: FeRAAdapter) -> dict[str, list[tuple[str, tuple
         problems = ([f"{len(unmatched)} have no counterpart (e.g. {unmatched[:3]})"] if unmatched else []) + \
                    ([f"{len(misfit)} have other shapes (e.g. {misfit[:2]})"] if misfit else [])
         raise AdapterMismatchError(
-            f"FeRA adapter (base model '{adapter.config.base_model}') does not fit this {model_family(model)} model: "
+            f"FeRA adapter (trained for {display_name(adapter.config.base_model)}) does not fit this "
+            f"{model_family(model).name} model: "
             f"{total - len(unmatched) - len(misfit)} of {total} layers match, {', '.join(problems)}. "
             "Nothing was patched.")
     return targets
 
 
 class _Run:
-    """Per sampling run: the sigma window of start/end percent, and the run's trace if traced."""
+    """One sampling run's state: the sigma window of start/end percent, the run's trace if traced, and
+    the router and expert weights copied to the device and dtype the model runs in (made at the run's
+    first call; released with the run's model options when it ends)."""
 
     def __init__(self, window: tuple[float, float] | None, traced: TracedRun | None = None):
         self.window, self.traced = window, traced
+        self.routers: dict = {}  # device -> (float32 router, controls as tensors)
+        self.experts: dict = {}  # (device, dtype) -> {adapter layer path: (down, up)}
+
+
+@dataclass
+class _Call:
+    """The model call in progress: its per-row expert gains by dtype, and the expert weights its hooks
+    use (the run's device copies; in live mode this call's differentiable casts)."""
+
+    gains: dict
+    experts: dict
 
 
 class FeRARouting:
-    """State of one applied adapter: its settings, its finished traced runs, and the expert gains of
-    the model call in progress.
+    """One applied adapter: its settings, its finished traced runs, and the model call in progress.
+
+    Clones of the patched MODEL share this object (ModelPatcher.clone copies the wrapper lists, not the
+    wrappers), so nothing of a sampling run lives here: the run's state is a _Run in the run's own
+    model options. The one field shared between the APPLY_MODEL wrapper and the layer hooks is `call`,
+    set for the duration of a model call.
 
     trace: a RoutingTrace every run also records into (scripts); tracing: None = trace the runs of
     prompts that contain a trace node, True = every run, False = never.
-    live (training): the router and experts are the adapter's own parameters, used with grad,
-    and the gains and the experts' casts outlive the call, so that gradient checkpointing's
-    recomputation in backward sees the same experts as the forward did.
+    live (training): the router and experts are the adapter's own parameters, used with grad, and
+    `call` outlives the model call, so that gradient checkpointing's recomputation in backward sees
+    the same gains and expert casts as the forward did.
     """
 
-    live = False
-
     def __init__(self, adapter: FeRAAdapter, strength: float, controls: RoutingControls, start_percent: float,
-                 end_percent: float, trace: RoutingTrace | None, tracing: bool | None, name: str | None):
+                 end_percent: float, trace: RoutingTrace | None, tracing: bool | None, name: str | None, live: bool):
         self.adapter, self.strength, self.controls = adapter, strength, controls.check(adapter.config.num_experts)
         if not 0.0 <= start_percent <= end_percent <= 1.0:
             raise ValueError(f"need 0 <= start_percent <= end_percent <= 1, got {start_percent}, {end_percent}")
         self.start_percent, self.end_percent, self.trace = start_percent, end_percent, trace
-        self.tracing, self.name = tracing, name
+        self.tracing, self.name, self.live = tracing, name, live
         self.key = f"fera-{uuid.uuid4().hex}"
         self.log = RunLog()
-        self.gains: dict | None = None  # dtype -> (rows, M * r) gains, during a model call only
-        self._routers: dict = {}
-        self._experts: dict = {}
+        self.call: _Call | None = None
 
     def meta(self) -> dict:
         """What a trace says about the adapter and its settings."""
@@ -106,7 +122,7 @@ class FeRARouting:
         settings.update({k: [float(v) for v in getattr(c, k)] for k in ("mix", "gains") if getattr(c, k) is not None})
         if (self.start_percent, self.end_percent) != (0.0, 1.0):
             settings["percent"] = [self.start_percent, self.end_percent]
-        meta = {"adapter": self.name or f"FeRA adapter ({cfg.base_model or 'unknown base'})", "settings": settings,
+        meta = {"adapter": self.name or f"FeRA adapter ({display_name(cfg.base_model)})", "settings": settings,
                 "num_experts": cfg.num_experts, "num_bands": cfg.num_bands, "indicator": cfg.indicator}
         return dict(meta, title=title_of(meta))
 
@@ -116,7 +132,7 @@ class FeRARouting:
         return float(sampling.percent_to_sigma(self.start_percent)), float(sampling.percent_to_sigma(self.end_percent))
 
     def outer_sample(self, executor, *args, **kwargs):
-        """OUTER_SAMPLE wrapper: fresh per-run state in a copy of the run's model options (as EasyCache)."""
+        """OUTER_SAMPLE wrapper: a fresh _Run in a copy of the run's model options (as EasyCache)."""
         guider = executor.class_obj
         sampling = guider.model_patcher.model.model_sampling
         request = requested(self.tracing)
@@ -141,48 +157,41 @@ class FeRARouting:
                 if output is not None:
                     self.log.add(traced)
 
-    def release(self, *_args) -> None:
-        """Drop device copies of the router and weights (after sampling)."""
-        self._routers.clear()
-        self._experts.clear()
-
-    def _router_on(self, device):
-        """Router (float32) and controls on a device, made once per sampling run."""
+    def _router_on(self, run: _Run, device):
+        """Router (float32) and controls on a device: once per run, or the adapter's own in live mode."""
         if self.live:
             return self.adapter.router, self.controls.on(device)
-        if device not in self._routers:
+        if device not in run.routers:
             router = copy.deepcopy(self.adapter.router).to(device=device, dtype=torch.float32)
-            self._routers[device] = (router, self.controls.on(device))
-        return self._routers[device]
+            run.routers[device] = (router, self.controls.on(device))
+        return run.routers[device]
 
     def _experts_on(self, device, dtype):
-        """Expert weights in the layers' own device and dtype (not the latent's), made once per run,
-        or in live mode once per model call (differentiable casts of the trainable weights, kept
-        with the gains for checkpointing's recomputation).
+        """The call's expert weights in the layers' own device and dtype (not the latent's), cast once:
+        per run, or in live mode per call (differentiable casts of the trainable weights).
 
         Stored column-major, so the .t() taken by add_experts hands BLAS contiguous operands.
         """
-        key = (device, dtype)
-        if key not in self._experts:
+        cache, key = self.call.experts, (device, dtype)
+        if key not in cache:
             if self.live:
-                self._experts[key] = {path: (e.down.to(device, dtype), e.up.to(device, dtype))
-                                      for path, e in self.adapter.layers.items()}
+                cache[key] = {path: (e.down.to(device, dtype), e.up.to(device, dtype))
+                              for path, e in self.adapter.layers.items()}
             else:
-                self._experts[key] = {
-                    path: tuple(w.detach().to(device, dtype).t().contiguous().t() if w.ndim == 2
-                                else w.detach().to(device, dtype) for w in (e.down, e.up))
-                    for path, e in self.adapter.layers.items()}
-        return self._experts[key]
+                cache[key] = {path: tuple(w.detach().to(device, dtype).t().contiguous().t() if w.ndim == 2
+                                          else w.detach().to(device, dtype) for w in (e.down, e.up))
+                              for path, e in self.adapter.layers.items()}
+        return cache[key]
 
     def __call__(self, executor, x, t, *args, **kwargs):
         """APPLY_MODEL wrapper: route this call's rows, run the model, forget the routing."""
         options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
         if options.get(EXPERTS_OFF):
-            self.gains = None
+            self.call = None
             return executor(x, t, *args, **kwargs)
         cfg = self.adapter.config
         run = options.get(RUNS_KEY, {}).get(self.key) or _Run(self._window(executor.class_obj.model_sampling))
-        router, controls = self._router_on(x.device)
+        router, controls = self._router_on(run, x.device)
         energies = band_energies(x, cfg.num_bands, cfg.indicator)
         weights = router(energies, controls)
         if run.window is not None:
@@ -194,24 +203,23 @@ class FeRARouting:
         if self.trace is not None:
             self.trace.record(energies, weights, t, options.get("cond_or_uncond"))
         gains = expert_gains(weights, cfg.rank, cfg.scale, self.strength)
-        self.gains = {gains.dtype: gains}
-        if self.live:  # the weights changed since the last call: cast them anew
-            self._experts.clear()
+        self.call = _Call({gains.dtype: gains}, {} if self.live else run.experts)
         try:
             return executor(x, t, *args, **kwargs)
         finally:
             if not self.live:
-                self.gains = None
+                self.call = None
 
     def hook(self, entries: list[tuple[str, tuple[int, int] | None]]):
         """Forward hook for one ComfyUI layer carrying the experts of `entries`."""
         def fera_forward_hook(layer, args, out):
-            if self.gains is None:
+            call = self.call
+            if call is None:
                 return None
             x = args[0]
-            gains = self.gains.get(x.dtype)
+            gains = call.gains.get(x.dtype)
             if gains is None:  # cast once per call for all layers, not in every layer
-                gains = self.gains[x.dtype] = next(iter(self.gains.values())).to(x.dtype)
+                gains = call.gains[x.dtype] = next(iter(call.gains.values())).to(x.dtype)
             experts = self._experts_on(x.device, x.dtype)
             for path, out_slice in entries:
                 down, up = experts[path]
@@ -222,17 +230,19 @@ class FeRARouting:
 
 def apply_fera(patcher, adapter: FeRAAdapter, strength: float, controls: RoutingControls | None = None,
                start_percent: float = 0.0, end_percent: float = 1.0, trace: RoutingTrace | None = None,
-               tracing: bool | None = None, name: str | None = None):
-    """A clone of `patcher` whose every model call routes the adapter's experts; `patcher` is untouched."""
+               tracing: bool | None = None, name: str | None = None, live: bool = False):
+    """A clone of `patcher` whose every model call routes the adapter's experts; `patcher` is untouched.
+
+    live: training's mode (see FeRARouting); name: what traces call the adapter (default: its own name).
+    """
     routing = FeRARouting(adapter, strength, controls or RoutingControls(), start_percent, end_percent, trace,
-                          tracing, name)
+                          tracing, name or adapter.name, live)
     targets = match_layers(patcher.model, adapter)
     clone = patcher.clone()
     if strength == 0:
         return clone
     clone.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY, routing)
     clone.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, routing.outer_sample)
-    clone.add_callback_with_key(ext.CallbacksMP.ON_CLEANUP, WRAPPER_KEY, routing.release)
     for comfy_path, entries in targets.items():
         path = f"{comfy_path}._forward_hooks"
         hooks = OrderedDict(clone.get_model_object(path))

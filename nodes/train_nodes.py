@@ -8,44 +8,36 @@ import os
 import comfy.utils
 import torch
 from comfy_api.latest import io, ui
+from torch import nn
 
 import folder_paths
 
 from ..fera_core.adapter_file import FeRAAdapter, save_adapter
 from ..fera_core.config import FeRAConfig
-from ..fera_core.experts import RoutedExperts
+from ..fera_core.families import compatible, display_name
 from ..fera_core.indicator import DEFINITIONS, PARTITION
-from .adapter_nodes import CATEGORY, FeRAAdapterType
-from .files import FOLDER, free_stem
-from .keys import diffusers_to_comfy
+from ..fera_core.model import matches_full_name, new_experts
+from .model_folder import FOLDER, free_stem
+from .module_paths import diffusers_to_comfy, model_family
 from .routing import apply_fera
-from .training import TrainSettings, train
+from .sockets import CATEGORY, FeRAAdapterType
+from .train_loop import TrainSettings, train
 
 _ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 _FEED_FORWARD = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp")
 PRESETS = {"attention": _ATTENTION, "attention + feed-forward": _ATTENTION + _FEED_FORWARD}
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# ComfyUI's supported_models class -> the family name recorded in adapter files.
-FAMILIES = {"SD15": "sd15", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2", "SDXL": "sdxl",
-            "SDXLRefiner": "sdxl", "SD3": "sd3", "Flux": "flux", "FluxSchnell": "flux"}
 
 
-def family_of(model) -> str:
-    name = type(model.model_config).__name__
-    return FAMILIES.get(name, name.lower())
-
-
-def preset_layers(model, preset: str) -> dict[str, tuple[int, int]]:
-    """{diffusers module path: (in_features, out_features)} of the preset's layers in `model`."""
-    suffixes = PRESETS[preset]
+def preset_layers(model, preset: str) -> dict[str, tuple[nn.Module, int | None]]:
+    """{diffusers module path: (the model's Linear, output slice size or None)} of the preset's layers."""
     layers = {}
     for path, (comfy_path, rows) in diffusers_to_comfy(model).items():
-        if any(path == s or path.endswith("." + s) for s in suffixes):
-            weight = model.get_submodule(comfy_path).weight
-            if weight.ndim == 2:
-                layers[path] = (weight.shape[1], rows[1] if rows else weight.shape[0])
+        layer = model.get_submodule(comfy_path)
+        if matches_full_name(path, PRESETS[preset]) and isinstance(layer, nn.Linear):
+            layers[path] = (layer, rows[1] if rows else None)
     if not layers:
-        raise ValueError(f"the '{preset}' preset finds no layers in {type(model).__name__}")
+        raise ValueError(f"the '{preset}' preset finds no layers in this {model_family(model).name} model")
     return layers
 
 
@@ -53,17 +45,18 @@ def new_adapter(model, preset: str, rank: int, alpha: float, experts: int, bands
                 indicator: str, fecl_weight: float, seed: int) -> FeRAAdapter:
     config = FeRAConfig(rank=rank, alpha=alpha, num_bands=bands, num_experts=experts, router_tau=tau,
                         target_modules=list(PRESETS[preset]), fecl_weight=fecl_weight, indicator=indicator,
-                        match_full_name=True, base_model=family_of(model)).validate()
+                        match_full_name=True, base_model=model_family(model).id).validate()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        layers = {p: RoutedExperts(i, o, experts, rank, alpha) for p, (i, o) in preset_layers(model, preset).items()}
+        layers = {p: new_experts(layer, config, rows) for p, (layer, rows) in preset_layers(model, preset).items()}
         return FeRAAdapter(config, layers)
 
 
 def continued_adapter(model, adapter: FeRAAdapter, fecl_weight: float) -> FeRAAdapter:
-    family, theirs = family_of(model), adapter.config.base_model
-    if theirs not in ("unknown", family):
-        raise ValueError(f"the FeRA adapter to continue was trained for '{theirs}', this model is '{family}'")
+    family = model_family(model)
+    if not compatible(adapter.config.base_model, family):
+        raise ValueError(f"the FeRA adapter to continue was trained for {display_name(adapter.config.base_model)}, "
+                         f"this model is {family.name}")
     adapter = copy.copy(adapter)  # the caller's adapter keeps its config; train() copies the weights
     adapter.config = dataclasses.replace(adapter.config, fecl_weight=fecl_weight)
     return adapter

@@ -134,7 +134,7 @@ def setup_comfy():
 
 
 def pack_module(name):
-    """Import a pack module, e.g. pack_module('nodes.keys'), the way ComfyUI would see it.
+    """Import a pack module, e.g. pack_module('nodes.module_paths'), the way ComfyUI would see it.
 
     ComfyUI imports the pack as a package and the pack uses relative imports. Importing our
     'nodes' as a top-level package would also clash with ComfyUI's own top-level nodes.py, so
@@ -214,7 +214,7 @@ def random_adapter(model, seed, targets=("to_q", "to_k", "to_v", "to_out.0"), up
     gen = torch.Generator().manual_seed(seed)
     layers = {}
     # sorted: ComfyUI builds its key maps from sets, so their order changes with PYTHONHASHSEED
-    for path, (comfy_path, rows) in sorted(pack_module("nodes.keys").diffusers_to_comfy(model).items()):
+    for path, (comfy_path, rows) in sorted(pack_module("nodes.module_paths").diffusers_to_comfy(model).items()):
         if path.endswith(tuple(targets)) and "attn" in path:
             layer = model.get_submodule(comfy_path)
             e = RoutedExperts(layer.in_features, rows[1] if rows else layer.out_features, 3, 4, alpha)

@@ -36,7 +36,7 @@ TARGETS = {
              ["tests/test_router.py", "tests/test_experts.py", "tests/test_indicator.py",
               "tests/test_fera_model.py", "tests/test_fecl.py", "tests/test_reference_parity.py",
               "tests/test_core_contracts.py"], False),
-    "nodes": (["nodes", "fera_core"], ["nodes/routing.py", "nodes/keys.py", "nodes/adapter_nodes.py"],
+    "nodes": (["nodes", "fera_core"], ["nodes/routing.py", "nodes/module_paths.py", "nodes/adapter_nodes.py"],
               ["tests/test_comfy_controls.py", "tests/test_comfy_families.py", "tests/test_comfy_keys.py",
                "tests/test_comfy_nodes.py", "tests/test_comfy_apply.py", "tests/test_comfy_trace.py",
                "tests/test_comfy_train.py"], True),

@@ -19,7 +19,7 @@ from fera_core.model import FeRALayer  # noqa: E402
 from fera_core.trace import RoutingTrace  # noqa: E402
 
 routing_mod = pack_module("nodes.routing")
-keys = pack_module("nodes.keys")
+keys = pack_module("nodes.module_paths")
 apply_fera = routing_mod.apply_fera
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")

@@ -20,7 +20,7 @@ from fera_core import RoutingControls  # noqa: E402
 from fera_core.bake.lora import bake_lora, key_style, lora_keys, router_mix, save_lora  # noqa: E402
 from test_comfy_families import adapter_for, run  # noqa: E402
 
-keys = pack_module("nodes.keys")
+keys = pack_module("nodes.module_paths")
 apply_fera = pack_module("nodes.routing").apply_fera
 
 

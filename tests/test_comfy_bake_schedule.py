@@ -22,7 +22,7 @@ from fera_core.model import FeRALayer  # noqa: E402
 from test_comfy_apply import conds, make_adapter, tiny_patcher  # noqa: E402
 from test_comfy_nodes import models_dir  # noqa: E402,F401  (fixture)
 
-keys = pack_module("nodes.keys")
+keys = pack_module("nodes.module_paths")
 bake_schedule = pack_module("fera_core.bake.schedule")
 bake_workflow = pack_module("fera_core.bake.workflow")
 bake = pack_module("fera_core.bake")

@@ -19,7 +19,7 @@ import comfy.sd  # noqa: E402
 from fera_core import RoutingControls  # noqa: E402
 from fera_core.trace import RoutingTrace  # noqa: E402
 
-keys = pack_module("nodes.keys")
+keys = pack_module("nodes.module_paths")
 routing = pack_module("nodes.routing")
 apply_fera = routing.apply_fera
 
@@ -33,7 +33,7 @@ def adapter_for(model, seed=1):
 def expert_as_lora(model, adapter, m, strength):
     """Expert m of every layer as a plain LoRA keyed by the diffusers module name, in a format ComfyUI's
     loader maps itself (diffusers' transformer.* for SD3/Flux, kohya's lora_unet_* for UNets): the
-    LoRA side never goes through nodes/keys.py, so a wrong or swapped target there shows up."""
+    LoRA side never goes through nodes/module_paths.py, so a wrong or swapped target there shows up."""
     known = comfy.lora.model_lora_keys_unet(model, {})
     lora = {}
     for path, experts in adapter.layers.items():

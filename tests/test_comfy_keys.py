@@ -1,4 +1,4 @@
-"""nodes.keys.diffusers_to_comfy against real ComfyUI models (full-size, on the meta device).
+"""nodes.module_paths.diffusers_to_comfy against real ComfyUI models (full-size, on the meta device).
 
 The diffusers side comes from diffusers' own model classes with the released configs, so a
 wrong offset, a missing block or a swapped q/k/v size shows up as a failed shape check.
@@ -63,7 +63,7 @@ _DIFFUSERS = {
 
 @pytest.fixture(scope="module")
 def keys():
-    return comfy_host.pack_module("nodes.keys")
+    return comfy_host.pack_module("nodes.module_paths")
 
 
 def _diffusers_projections(family):

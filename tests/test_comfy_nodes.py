@@ -39,7 +39,7 @@ def models_dir(tmp_path, monkeypatch):
     (tmp_path / "fera").mkdir()
     (tmp_path / "loras").mkdir()
     folder_paths.filename_list_cache.clear()
-    pack_module("nodes.files").register_folder()
+    pack_module("nodes.model_folder").register_folder()
     yield tmp_path
     folder_paths.folder_names_and_paths.clear()
     folder_paths.folder_names_and_paths.update(saved)

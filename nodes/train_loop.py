@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 import comfy.model_management
-import comfy.patcher_extension
 import comfy.samplers
 import comfy.utils
 from comfy_extras.nodes_custom_sampler import Guider_Basic
@@ -29,7 +28,7 @@ from comfy_extras.nodes_custom_sampler import Guider_Basic
 from ..fera_core.adapter_file import FeRAAdapter
 from ..fera_core.training import training_step
 from .objective import ComfyObjective
-from .routing import FeRARouting, WRAPPER_KEY, apply_fera
+from .routing import apply_fera
 
 RETENTION_WEIGHT = 0.1  # Diff-Tuning's weight of the memory-bank rows (fera-reference.md section 6)
 
@@ -249,12 +248,9 @@ def train(patcher, adapter: FeRAAdapter, latents: torch.Tensor, positive: list, 
         data = TrainData(latents.clone().float(), _fresh(conds), cond_of_row,
                          None if retention is None else retention.clone().float(), retention_cond)
         adapter = copy.deepcopy(adapter).to(patcher.load_device, torch.float32).requires_grad_(True)
-        clone = apply_fera(patcher, adapter, 1.0)
+        clone = apply_fera(patcher, adapter, 1.0, live=True)
         if settings.dtype is not None:  # as TrainLoraNode: every op in that dtype, not only autocast's list
             clone.set_model_compute_dtype(settings.dtype)
-        for routing in clone.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
-            if isinstance(routing, FeRARouting):
-                routing.live = True
         guider = Guider_Basic(clone)
         guider.set_conds(data.conds)
         sampler = FeRATrainSampler(adapter, data, settings, progress)

@@ -11,17 +11,15 @@ import comfy.model_base
 import comfy.utils
 import torch
 
+from ..fera_core.families import Family, of_comfy_class
+
 _PREFIX = "diffusion_model."
-# supported_models class names that differ from what users call the family
-_FAMILY_NAMES = {"SD15": "SD1.5", "SD20": "SD2", "SD21UnclipL": "SD2.1 unCLIP", "SD21UnclipH": "SD2.1 unCLIP",
-                 "FluxSchnell": "Flux schnell"}
 
 
-def model_family(model) -> str:
-    """The family of a loaded model as users know it (SD1.5, SDXL, SD3, Flux, ...), from the
-    supported_models class ComfyUI's detection chose for it."""
-    name = type(model.model_config).__name__
-    return _FAMILY_NAMES.get(name, name)
+def model_family(model) -> Family:
+    """The family of a loaded model (comfy.model_base.BaseModel), from the supported_models class
+    ComfyUI's detection chose for it."""
+    return of_comfy_class(type(model.model_config).__name__)
 
 
 def _raw_map(model):
