@@ -202,12 +202,25 @@ def test_two_fera_models_do_not_share_routing(patcher, adapter):
     torch.testing.assert_close(sample(b), expected(patcher, [(other, 1.0)]), rtol=1e-5, atol=1e-5)
 
 
-def test_sampling_releases_the_device_copies(patcher, adapter):
-    """The router and expert copies made for a run's device and dtype are dropped when it ends."""
+def test_sampling_releases_the_device_copies(patcher, adapter, monkeypatch):
+    """The router and expert copies made for a run's device and dtype live in the run's state, which
+    nothing keeps once the run ends (a reference kept on the shared FeRARouting would fail this)."""
+    import gc
+    import weakref
+    runs = []
+
+    class Run(routing_mod._Run):
+        def __init__(self, *args):
+            super().__init__(*args)
+            runs.append((weakref.ref(self), self.experts, self.routers))
+
+    monkeypatch.setattr(routing_mod, "_Run", Run)
     model = apply_fera(patcher, adapter, 1.0)
     sample(model)
-    (fera,) = routing_mod.routings_of(model)
-    assert not fera._experts and not fera._routers
+    gc.collect()
+    assert runs and all(experts and routers for _, experts, routers in runs)  # the run made its copies
+    assert all(ref() is None for ref, _, _ in runs)
+    assert routing_mod.routings_of(model)[0].call is None
 
 
 def test_chains_with_second_adapter_and_lora(patcher, adapter):
