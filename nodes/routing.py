@@ -122,7 +122,8 @@ class FeRARouting:
         settings.update({k: [float(v) for v in getattr(c, k)] for k in ("mix", "gains") if getattr(c, k) is not None})
         if (self.start_percent, self.end_percent) != (0.0, 1.0):
             settings["percent"] = [self.start_percent, self.end_percent]
-        meta = {"adapter": self.name or f"FeRA adapter ({display_name(cfg.base_model)})", "settings": settings,
+        meta = {"adapter": self.name or f"FeRA adapter ({display_name(cfg.base_model) or 'unknown base'})",
+                "settings": settings,
                 "num_experts": cfg.num_experts, "num_bands": cfg.num_bands, "indicator": cfg.indicator}
         return dict(meta, title=title_of(meta))
 
