@@ -34,7 +34,7 @@ if not os.environ.get("COMFYUI_PATH"):
 
 import torch  # noqa: E402
 
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "comfy")]
 from comfy_host import pack_module, setup_comfy  # noqa: E402
 
 setup_comfy()
@@ -45,8 +45,8 @@ import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 
-from test_comfy_apply import conds, latents, make_adapter, tiny_patcher  # noqa: E402
-from test_comfy_bake_schedule import hooked_conds, percent_of  # noqa: E402
+from test_routing import conds, latents, make_adapter, tiny_patcher  # noqa: E402
+from test_baked_schedules import hooked_conds, percent_of  # noqa: E402
 
 routing = pack_module("nodes.routing")
 bake = pack_module("fera_core.bake")

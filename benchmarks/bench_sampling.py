@@ -62,7 +62,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "comfy")]
 from comfy_host import build_model, pack_module, setup_comfy  # noqa: E402
 
 setup_comfy()
@@ -79,7 +79,7 @@ CPU = torch.device("cpu")
 
 # ---------------------------------------------------------------- models and adapters
 # The tiny model and adapter of the host tests.
-from test_comfy_apply import make_adapter as tiny_adapter, tiny_patcher  # noqa: E402
+from test_routing import make_adapter as tiny_adapter, tiny_patcher  # noqa: E402
 
 
 def sd15_patcher(seed=0):

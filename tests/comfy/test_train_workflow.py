@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from comfy_host import PACK_ROOT
-from test_comfy_server import (CHROMIUM, TINY_ADAPTER, _open_frontend, _widget_names, object_info,  # noqa: F401
+from test_server import (CHROMIUM, TINY_ADAPTER, _open_frontend, _widget_names, object_info,  # noqa: F401
                                sd15_checkpoint, server, ui_to_api)
 
 pytestmark = pytest.mark.comfy

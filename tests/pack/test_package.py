@@ -3,7 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
+PACK_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_root_package_imports_without_comfyui(tmp_path):

@@ -27,7 +27,7 @@ from fera_core.training.cli import (Denoiser, ImageCaptions, Pipeline, batch_ind
                                        load_checkpoint, step_generator)
 from fera_core.training.step import noise_draws, training_step  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 @pytest.fixture(scope="session")

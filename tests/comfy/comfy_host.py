@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
+PACK_ROOT = Path(__file__).resolve().parents[2]
 PACK_NAME = "fera_pack"  # synthetic package name for the repo under test (see pack_module)
 
 # Full-size configurations. The ldm UNets (SD1.x, SD2.x, SDXL): unet_config exactly as

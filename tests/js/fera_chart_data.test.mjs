@@ -1,4 +1,4 @@
-// node --test tests/web : the routing chart's data handling (web/fera_chart_data.js).
+// node --test tests/js/*.test.mjs : the routing chart's data handling (web/fera_chart_data.js).
 import { test } from "node:test";
 import assert from "node:assert/strict";
 

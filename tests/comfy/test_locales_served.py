@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from comfy_host import PACK_ROOT, pack_module, setup_comfy
-from test_comfy_server import (_DIALOGS_JS, CHROMIUM, HTTP_TIMEOUT, PACK_DIR_NAME, WORKFLOW, WORKFLOWS,
+from test_server import (_DIALOGS_JS, CHROMIUM, HTTP_TIMEOUT, PACK_DIR_NAME, WORKFLOW, WORKFLOWS,
                                _open_frontend,
                                server)  # noqa: F401  (server: the module-scoped real-server fixture)
 from test_locales import DOCS, LANGS, leaves, load

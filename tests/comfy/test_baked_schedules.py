@@ -19,8 +19,8 @@ import comfy_extras.nodes_hooks as hook_nodes  # noqa: E402
 import folder_paths  # noqa: E402
 
 from fera_core.model import FeRALayer  # noqa: E402
-from test_comfy_apply import conds, make_adapter, tiny_patcher  # noqa: E402
-from test_comfy_nodes import models_dir  # noqa: E402,F401  (fixture)
+from test_routing import conds, make_adapter, tiny_patcher  # noqa: E402
+from test_adapter_nodes import models_dir  # noqa: E402,F401  (fixture)
 
 keys = pack_module("nodes.module_paths")
 bake_schedule = pack_module("fera_core.bake.schedule")

@@ -15,7 +15,7 @@ from fera_core import FeRAConfig, FeRAModel, band_components, band_energies, loa
 from fera_core.config import REFERENCE_TARGETS
 from fera_core.model import find_targets
 
-SHARED_REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "reference"
+SHARED_REFERENCE = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "reference"
 TOL = 1e-5
 
 

@@ -13,7 +13,7 @@ import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import folder_paths  # noqa: E402
 
-from test_comfy_apply import adapter, conds, make_adapter, patcher  # noqa: E402,F401  (fixtures)
+from test_routing import adapter, conds, make_adapter, patcher  # noqa: E402,F401  (fixtures)
 
 routing = pack_module("nodes.routing")
 tracing = pack_module("nodes.tracing")

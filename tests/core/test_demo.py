@@ -75,6 +75,6 @@ def test_shipped_model_is_small_and_loads():
 
 def test_readme_first_command_is_the_demo():
     from pathlib import Path
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     first = readme.split("```")[1]
     assert first.strip().endswith("python -m fera_core demo") and "torch==2.13.0 -r requirements.txt" in first

@@ -18,7 +18,7 @@ import comfy.utils  # noqa: E402
 
 from fera_core import RoutingControls  # noqa: E402
 from fera_core.bake.lora import bake_lora, key_style, lora_keys, router_mix, save_lora  # noqa: E402
-from test_comfy_families import adapter_for, run  # noqa: E402
+from test_families import adapter_for, run  # noqa: E402
 
 keys = pack_module("nodes.module_paths")
 apply_fera = pack_module("nodes.routing").apply_fera
@@ -80,8 +80,8 @@ def test_every_baked_key_lands_where_apply_fera_patches(family, caplog):
 
 # ---------------------------------------------------------------- the nodes
 
-from test_comfy_apply import make_adapter, sample, tiny_patcher  # noqa: E402
-from test_comfy_nodes import models_dir  # noqa: E402,F401  (fixture)
+from test_routing import make_adapter, sample, tiny_patcher  # noqa: E402
+from test_adapter_nodes import models_dir  # noqa: E402,F401  (fixture)
 
 bake_nodes = pack_module("nodes.bake_nodes")
 pack_bake = pack_module("fera_core.bake")

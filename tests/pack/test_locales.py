@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
+PACK_ROOT = Path(__file__).resolve().parents[2]
 LOCALES = PACK_ROOT / "locales"
 DOCS = PACK_ROOT / "web" / "docs"
 LANGS = ("zh", "ja")

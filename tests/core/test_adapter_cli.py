@@ -10,7 +10,7 @@ import torch
 from fera_core import load_adapter
 from fera_core.__main__ import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_convert_records_supplied_alpha_tau_and_base_model(tmp_path, ref_adapter_path, capsys):

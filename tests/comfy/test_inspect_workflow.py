@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from test_comfy_server import (  # noqa: F401  (server, object_info, sd15_checkpoint are fixtures)
+from test_server import (  # noqa: F401  (server, object_info, sd15_checkpoint are fixtures)
     CHROMIUM, PACK_ROOT, SD15_ADAPTER, WORKFLOW, _DIALOGS_JS, _open_frontend, _widget_names, object_info,
     sd15_checkpoint, server, ui_to_api)
 
@@ -144,7 +144,7 @@ def test_inspect_workflow_runs_and_requeue_shows_the_new_run(server, object_info
 @pytest.mark.slow
 @needs_sd15_adapter
 def test_workflow_without_trace_node_sends_nothing(server, object_info, sd15_checkpoint):
-    from test_comfy_server import small_prompt
+    from test_server import small_prompt
     entry, events = run_with_events(server, small_prompt(object_info, sd15_checkpoint))
     assert entry["status"]["status_str"] == "success"
     assert events == []

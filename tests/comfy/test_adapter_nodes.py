@@ -15,7 +15,7 @@ extension = pack_module("nodes.extension")
 nodes = pack_module("nodes.adapter_nodes")
 routing = pack_module("nodes.routing")
 core = pack_module("fera_core")  # the pack's own copy: its exception classes are the ones raised
-from test_comfy_apply import make_adapter, tiny_patcher  # noqa: E402
+from test_routing import make_adapter, tiny_patcher  # noqa: E402
 
 TINY_PT = PACK_ROOT / "tests" / "fixtures" / "tiny_reference_adapter.pt"
 NODE_IDS = {"LoadFeRAAdapter", "ApplyFeRA", "LoadFeRAModelOnly",

@@ -15,7 +15,7 @@ setup_comfy()
 from fera_core import RoutingControls, band_energies  # noqa: E402
 from fera_core.model import FeRALayer  # noqa: E402
 from fera_core.trace import RoutingTrace  # noqa: E402
-from test_comfy_apply import adapter, conds, latents, make_adapter, patcher, sample, tiny_patcher  # noqa: E402,F401
+from test_routing import adapter, conds, latents, make_adapter, patcher, sample, tiny_patcher  # noqa: E402,F401
 
 keys = pack_module("nodes.module_paths")
 apply_fera = pack_module("nodes.routing").apply_fera
