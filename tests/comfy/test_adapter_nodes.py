@@ -1,21 +1,18 @@
 """The pack's V3 nodes in a real ComfyUI (COMFYUI_PATH): entry point, schemas, loading, bad inputs."""
 import asyncio
 import shutil
-from pathlib import Path
 
 import pytest
 
 from comfy_host import PACK_ROOT, pack_module, setup_comfy
 
 setup_comfy()
-import folder_paths  # noqa: E402
-
+from tiny_sampling import make_adapter, tiny_patcher  # noqa: E402
 
 extension = pack_module("nodes.extension")
 nodes = pack_module("nodes.adapter_nodes")
 routing = pack_module("nodes.routing")
 core = pack_module("fera_core")  # the pack's own copy: its exception classes are the ones raised
-from test_routing import make_adapter, tiny_patcher  # noqa: E402
 
 TINY_PT = PACK_ROOT / "tests" / "fixtures" / "tiny_reference_adapter.pt"
 NODE_IDS = {"LoadFeRAAdapter", "ApplyFeRA", "LoadFeRAModelOnly",
@@ -27,23 +24,6 @@ NODE_IDS = {"LoadFeRAAdapter", "ApplyFeRA", "LoadFeRAModelOnly",
 def entry():
     ext = asyncio.run(extension.comfy_entrypoint())
     return asyncio.run(ext.get_node_list())
-
-
-@pytest.fixture()
-def models_dir(tmp_path, monkeypatch):
-    """A throwaway models/ tree with fera/ and loras/ folders registered as ComfyUI would."""
-    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
-    saved = {k: (list(v[0]), set(v[1])) for k, v in folder_paths.folder_names_and_paths.items()}
-    folder_paths.folder_names_and_paths.pop("fera", None)
-    folder_paths.folder_names_and_paths["loras"] = ([str(tmp_path / "loras")], set(folder_paths.supported_pt_extensions))
-    (tmp_path / "fera").mkdir()
-    (tmp_path / "loras").mkdir()
-    folder_paths.filename_list_cache.clear()
-    pack_module("nodes.model_folder").register_folder()
-    yield tmp_path
-    folder_paths.folder_names_and_paths.clear()
-    folder_paths.folder_names_and_paths.update(saved)
-    folder_paths.filename_list_cache.clear()
 
 
 def test_entrypoint_lists_the_nodes_with_tooltips(entry):

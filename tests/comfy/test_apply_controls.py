@@ -12,10 +12,10 @@ import torch
 from comfy_host import pack_module, setup_comfy
 
 setup_comfy()
-from fera_core import RoutingControls, band_energies  # noqa: E402
+from fera_core import band_energies  # noqa: E402
 from fera_core.model import FeRALayer  # noqa: E402
 from fera_core.trace import RoutingTrace  # noqa: E402
-from test_routing import adapter, conds, latents, make_adapter, patcher, sample, tiny_patcher  # noqa: E402,F401
+from tiny_sampling import conds, latents, make_adapter, sample, tiny_patcher  # noqa: E402
 
 keys = pack_module("nodes.module_paths")
 apply_fera = pack_module("nodes.routing").apply_fera

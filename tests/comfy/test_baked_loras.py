@@ -18,7 +18,7 @@ import comfy.utils  # noqa: E402
 
 from fera_core import RoutingControls  # noqa: E402
 from fera_core.bake.lora import bake_lora, key_style, lora_keys, router_mix, save_lora  # noqa: E402
-from test_families import adapter_for, run  # noqa: E402
+from tiny_sampling import adapter_for, make_adapter, run, sample, tiny_patcher  # noqa: E402
 
 keys = pack_module("nodes.module_paths")
 apply_fera = pack_module("nodes.routing").apply_fera
@@ -37,7 +37,7 @@ def comfy_lora(patcher, path, strength, caplog):
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_fixed_mix_bake_equals_fera_forced_to_that_mix(family, tmp_path, caplog):
-    """Tolerance 1e-4 as in test_comfy_families (ComfyUI merges the LoRA into the weights, FeRA adds it
+    """Tolerance 1e-4 as in test_families (ComfyUI merges the LoRA into the weights, FeRA adds it
     in the forward: float32 sums in another order); the LoRA's effect is checked to be far larger."""
     patcher = tiny_model(family)
     adapter = adapter_for(patcher.model)
@@ -79,9 +79,6 @@ def test_every_baked_key_lands_where_apply_fera_patches(family, caplog):
 
 
 # ---------------------------------------------------------------- the nodes
-
-from test_routing import make_adapter, sample, tiny_patcher  # noqa: E402
-from test_adapter_nodes import models_dir  # noqa: E402,F401  (fixture)
 
 bake_nodes = pack_module("nodes.bake_nodes")
 pack_bake = pack_module("fera_core.bake")

@@ -8,26 +8,19 @@ and slices fused layers, itself).
 import pytest
 import torch
 
-from comfy_host import TINY_CONTEXT, TINY_FAMILIES, build_model, pack_module, random_adapter, setup_comfy, tiny_model
+from comfy_host import TINY_FAMILIES, build_model, pack_module, setup_comfy, tiny_model
 
 setup_comfy()
 import comfy.lora  # noqa: E402
-import comfy.model_management  # noqa: E402
-import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 
 from fera_core import RoutingControls  # noqa: E402
 from fera_core.trace import RoutingTrace  # noqa: E402
+from tiny_sampling import adapter_for, run  # noqa: E402
 
 keys = pack_module("nodes.module_paths")
 routing = pack_module("nodes.routing")
 apply_fera = routing.apply_fera
-
-ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-
-
-def adapter_for(model, seed=1):
-    return random_adapter(model, seed, ATTENTION, up_std=3.0, router_std=0.5, alpha=2.0)
 
 
 def expert_as_lora(model, adapter, m, strength):
@@ -43,20 +36,6 @@ def expert_as_lora(model, adapter, m, strength):
         lora[f"{key}.lora_down.weight"] = down.detach().clone()
         lora[f"{key}.lora_up.weight"] = up.detach() * experts.scale * strength
     return lora
-
-
-def run(patcher, cfg=3.0):
-    channels = patcher.model.latent_format.latent_channels
-    gen = torch.Generator().manual_seed(4)
-    cond = lambda: [[torch.randn(1, 7, TINY_CONTEXT, generator=gen),
-                     {"pooled_output": torch.randn(1, TINY_CONTEXT, generator=gen)}]]
-    pos, neg = cond(), cond()
-    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
-    lat = torch.stack([torch.sin(xx / 4 + yy / 5).expand(channels, 8, 8), ((xx + yy) % 2 * 2 - 1).expand(channels, 8, 8)])
-    out = comfy.sample.sample(patcher, torch.randn(2, channels, 8, 8, generator=gen), 2, cfg, "euler", "simple",
-                              pos, neg, lat * 2, denoise=0.8, seed=4, disable_pbar=True)
-    comfy.model_management.unload_all_models()
-    return out
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

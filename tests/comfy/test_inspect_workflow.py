@@ -1,6 +1,6 @@
 """workflows/inspect_routing.json in a real ComfyUI server and its real frontend (COMFYUI_PATH).
 
-Reuses the server, checkpoint and Chromium helpers of test_comfy_server.py. Checked:
+The server, checkpoint and Chromium driver are comfy_server.py's (fixtures: conftest.py). Checked:
 - the workflow agrees with /object_info (widgets, link types);
 - slow: it runs through /prompt on a random full-size SD1.5 checkpoint; the trace node's output is
   the run's trace (steps x cond/uncond rows), the plot and band chart are saved, the JSON and CSV
@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from test_server import (  # noqa: F401  (server, object_info, sd15_checkpoint are fixtures)
-    CHROMIUM, PACK_ROOT, SD15_ADAPTER, WORKFLOW, _DIALOGS_JS, _open_frontend, _widget_names, object_info,
-    sd15_checkpoint, server, ui_to_api)
+from comfy_host import PACK_ROOT
+from comfy_server import (CHROMIUM, DIALOGS_JS, needs_sd15_adapter, open_frontend, small_prompt, ui_to_api,
+                          widget_names)
 
-pytestmark = pytest.mark.comfy
 INSPECT = PACK_ROOT / "workflows" / "inspect_routing.json"
 STEPS = 3
 
@@ -79,7 +78,7 @@ def test_inspect_workflow_matches_object_info(object_info):
     assert {"FeRARoutingTrace", "FeRARoutingPlot", "SaveFeRATrace", "FeRALatentBandEnergy", "ApplyFeRA",
             "KSampler"} <= {n["type"] for n in wf["nodes"]}
     for node in wf["nodes"]:
-        assert len(node.get("widgets_values", [])) == len(_widget_names(object_info[node["type"]])), node["type"]
+        assert len(node.get("widgets_values", [])) == len(widget_names(object_info[node["type"]])), node["type"]
     for link_id, src, src_slot, dst, dst_slot, typ in wf["links"]:
         assert object_info[nodes[src]["type"]]["output"][src_slot] == typ, link_id
         assert link_id in nodes[src]["outputs"][src_slot]["links"]
@@ -90,10 +89,6 @@ def test_inspect_workflow_matches_object_info(object_info):
     trace = api[ids["FeRARoutingTrace"][0]]["inputs"]
     sampler = api[ids["KSampler"][0]]["inputs"]
     assert trace["model"] == sampler["model"] and trace["latent"] == [ids["KSampler"][0], 0]
-
-
-needs_sd15_adapter = pytest.mark.skipif(not SD15_ADAPTER.is_file(),
-                                        reason=f"reference SD1.5 adapter not found at {SD15_ADAPTER}")
 
 
 @pytest.mark.slow
@@ -144,7 +139,6 @@ def test_inspect_workflow_runs_and_requeue_shows_the_new_run(server, object_info
 @pytest.mark.slow
 @needs_sd15_adapter
 def test_workflow_without_trace_node_sends_nothing(server, object_info, sd15_checkpoint):
-    from test_server import small_prompt
     entry, events = run_with_events(server, small_prompt(object_info, sd15_checkpoint))
     assert entry["status"]["status_str"] == "success"
     assert events == []
@@ -164,12 +158,12 @@ def test_frontend_draws_the_chart_in_the_trace_node(server, object_info, sd15_ch
             node["widgets_values"][0] = 11
             node["widgets_values"][1] = "fixed"
             node["widgets_values"][2] = STEPS
-    browser = _open_frontend(server, width=1800, height=1100)
+    browser = open_frontend(server, width=1800, height=1100)
     try:
         browser.eval(f"window.app.loadGraphData({json.dumps(wf)})")
         browser.wait_for(f"window.app.graph._nodes.length === {len(wf['nodes'])}", timeout=60)
         time.sleep(1.0)
-        assert not browser.eval(_DIALOGS_JS)
+        assert not browser.eval(DIALOGS_JS)
         trace_id = next(n["id"] for n in wf["nodes"] if n["type"] == "FeRARoutingTrace")
         node_js = f"window.app.graph.getNodeById({trace_id})"
         # the chart widget exists and is not serialised into the workflow

@@ -19,13 +19,10 @@ from pathlib import Path
 import pytest
 
 from comfy_host import PACK_ROOT, pack_module, setup_comfy
-from test_server import (_DIALOGS_JS, CHROMIUM, HTTP_TIMEOUT, PACK_DIR_NAME, WORKFLOW, WORKFLOWS,
-                               _open_frontend,
-                               server)  # noqa: F401  (server: the module-scoped real-server fixture)
-from test_locales import DOCS, LANGS, leaves, load
+from comfy_server import CHROMIUM, DIALOGS_JS, HTTP_TIMEOUT, PACK_DIR_NAME, WORKFLOW, WORKFLOWS, open_frontend
+from locale_files import DOCS, LANGS, leaves, load
 
 setup_comfy()
-pytestmark = pytest.mark.comfy
 
 
 def i18n_key(name: str) -> str:
@@ -42,7 +39,7 @@ def node_infos() -> dict[str, dict]:
 
 
 def expected_keys(infos: dict[str, dict]) -> set[str]:
-    """Every key the frontend looks up for these nodes (see test_locales for the layout)."""
+    """Every key the frontend looks up for these nodes (see tests/pack/test_locales.py for the layout)."""
     keys = set()
     for node_id, info in infos.items():
         node = f"nodeDefs.{node_id}"
@@ -111,7 +108,7 @@ def _frontend_view(srv, lang: str, workflows: list[Path]) -> dict[str, list[dict
     """Per workflow, the titles, widget labels and socket labels of its nodes as the frontend shows them in `lang`."""
     assert srv.post("/settings/Comfy.Locale", lang)[0] == 200
     title = json.dumps(load(lang, "nodeDefs")["ApplyFeRA"]["display_name"])
-    browser = _open_frontend(srv)
+    browser = open_frontend(srv)
     views = {}
     try:
         try:  # the node definitions are registered once the pack's locale has been merged
@@ -130,7 +127,7 @@ def _frontend_view(srv, lang: str, workflows: list[Path]) -> dict[str, list[dict
             browser.eval(f"window.app.loadGraphData({json.dumps(wf)})")
             browser.wait_for(f"window.app.graph.nodes.length === {len(wf['nodes'])}", timeout=60)
             time.sleep(1.0)
-            assert not browser.eval(_DIALOGS_JS), (path.name, browser.eval(_DIALOGS_JS))
+            assert not browser.eval(DIALOGS_JS), (path.name, browser.eval(DIALOGS_JS))
             shot = Path(tempfile.gettempdir()) / f"fera-frontend-{lang}-{path.stem}-{srv.port}.png"
             browser.screenshot(shot)
             views[f"{path.name} (screenshot {shot})"] = json.loads(browser.eval(_GRAPH_JS))

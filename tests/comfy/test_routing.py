@@ -7,57 +7,20 @@ latent rows the diffusion model receives.
 import pytest
 import torch
 
-from comfy_host import pack_module, random_adapter, setup_comfy, tiny_model
+from comfy_host import pack_module, setup_comfy
 
 setup_comfy()
 import comfy.model_management  # noqa: E402
 import comfy.ops  # noqa: E402
-import comfy.sample  # noqa: E402
 
 from fera_core import FeRAAdapter, RoutedExperts, band_energies  # noqa: E402
 from fera_core.model import FeRALayer  # noqa: E402
 from fera_core.trace import RoutingTrace  # noqa: E402
+from tiny_sampling import conds, make_adapter, sample, tiny_patcher  # noqa: E402
 
 routing_mod = pack_module("nodes.routing")
 keys = pack_module("nodes.module_paths")
 apply_fera = routing_mod.apply_fera
-
-ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-def tiny_patcher(dtype=torch.float32, seed=0):
-    return tiny_model("sd15", seed, dtype)
-
-
-def make_adapter(model, seed=2, targets=ATTENTION):
-    """Experts strong enough to move the tiny model's samples by about 0.35 (max abs, on outputs
-    up to 60), 1000x the tolerance of the equality checks; seed 2's router is not saturated, so
-    rows with different spectra get visibly different mixes."""
-    return random_adapter(model, seed, targets, up_std=5.0, base_model="sd15")
-
-
-def latents():
-    """Two rows with very different spectra: smooth, and a pixel checkerboard."""
-    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
-    smooth = torch.sin(xx / 4 + yy / 5).expand(4, 8, 8) * 3
-    checker = ((xx + yy) % 2 * 2 - 1).expand(4, 8, 8) * 3
-    return torch.stack([smooth, checker])
-
-
-def conds(seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, 77, 32, generator=gen), {}]], [[torch.randn(1, 77, 32, generator=gen), {}]]
-
-
-def sample(patcher, positive=None, negative=None, steps=3, cfg=5.0, denoise=0.7, sampler="euler", scheduler="normal"):
-    pos, neg = conds()
-    gen = torch.Generator().manual_seed(7)
-    noise = torch.randn(2, 4, 8, 8, generator=gen)
-    out = comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, positive or pos, negative or neg,
-                              latents(), denoise=denoise, seed=7, disable_pbar=True)
-    comfy.model_management.unload_all_models()
-    return out
-
 
 class PlainFeRA:
     """fera_core's own FeRA on the ComfyUI modules: torch hooks, routing from the diffusion model's input."""
@@ -104,16 +67,6 @@ def assert_base_intact(model, state):
     assert weights.keys() == now.keys()
     assert all(torch.equal(weights[k], now[k]) for k in weights)
     assert {n: dict(m._forward_hooks) for n, m in model.named_modules() if m._forward_hooks} == hooks
-
-
-@pytest.fixture(scope="module")
-def patcher():
-    return tiny_patcher()
-
-
-@pytest.fixture(scope="module")
-def adapter(patcher):
-    return make_adapter(patcher.model)
 
 
 def test_patched_prediction_equals_fera_core_with_cfg_and_distinct_rows(patcher, adapter):

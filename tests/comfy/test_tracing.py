@@ -13,7 +13,7 @@ import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import folder_paths  # noqa: E402
 
-from test_routing import adapter, conds, make_adapter, patcher  # noqa: E402,F401  (fixtures)
+from tiny_sampling import conds, make_adapter  # noqa: E402
 
 routing = pack_module("nodes.routing")
 tracing = pack_module("nodes.tracing")

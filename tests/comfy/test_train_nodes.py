@@ -3,8 +3,6 @@
 Models are built and their weights loaded under torch.inference_mode(), as ComfyUI's loaders
 run, so the trainer meets the inference tensors a real checkpoint gives it.
 """
-import os
-
 import pytest
 import torch
 
@@ -20,7 +18,6 @@ import comfy.supported_models as sm  # noqa: E402
 from comfy_extras.nodes_custom_sampler import Guider_Basic  # noqa: E402
 
 from fera_core.training.step import regression_target  # noqa: E402
-from test_adapter_nodes import models_dir  # noqa: E402,F401  (a throwaway models/ tree)
 
 training = pack_module("nodes.train_loop")
 train_nodes = pack_module("nodes.train_nodes")

@@ -1,6 +1,6 @@
 """workflows/train_fera.json in a real ComfyUI server (COMFYUI_PATH), driven over HTTP.
 
-Uses test_comfy_server's server (own instance for this module) and random full-size SD1.5
+Uses comfy_server.py's server (own instance for this module) and random full-size SD1.5
 checkpoint, and the real frontend (headless Chromium) for the loader's list after a save. The workflow loads its images with ComfyUI 0.33's LoadImageDataSetFromFolder (one
 image per list item); on hosts that only have the older LoadImageSetFromFolderNode (0.3.x, one
 batch) the test swaps that node in, as a user of such a version would.
@@ -12,10 +12,8 @@ import pytest
 import torch
 
 from comfy_host import PACK_ROOT
-from test_server import (CHROMIUM, TINY_ADAPTER, _open_frontend, _widget_names, object_info,  # noqa: F401
-                               sd15_checkpoint, server, ui_to_api)
+from comfy_server import CHROMIUM, TINY_ADAPTER, open_frontend, ui_to_api, widget_names
 
-pytestmark = pytest.mark.comfy
 WORKFLOW = PACK_ROOT / "workflows" / "train_fera.json"
 NEW_LOADER, OLD_LOADER = "LoadImageDataSetFromFolder", "LoadImageSetFromFolderNode"
 
@@ -36,7 +34,7 @@ def test_train_workflow_matches_object_info(object_info):
     assert wf["version"] == 0.4 and wf["last_node_id"] >= max(nodes)
     assert {"TrainFeRA", "SaveFeRAAdapter", "LossGraphNode", "VAEEncode", "KSampler"} <= {n["type"] for n in wf["nodes"]}
     for node in wf["nodes"]:
-        assert len(node.get("widgets_values", [])) == len(_widget_names(object_info[node["type"]])), node["type"]
+        assert len(node.get("widgets_values", [])) == len(widget_names(object_info[node["type"]])), node["type"]
     for link_id, src, src_slot, dst, dst_slot, typ in wf["links"]:
         assert object_info[nodes[src]["type"]]["output"][src_slot] == typ, link_id
         assert nodes[dst]["inputs"][dst_slot]["link"] == link_id and nodes[dst]["inputs"][dst_slot]["type"] == typ
@@ -91,7 +89,7 @@ def test_a_saved_adapter_is_offered_by_the_loader_without_reloading_the_page(ser
     """Load FeRA Adapter -> Save FeRA Adapter queued from the frontend: the loader's list gains the new file."""
     name = "refresh_check_00001_.safetensors"
     assert not (server.base / "models" / "fera" / name).exists()
-    browser = _open_frontend(server)
+    browser = open_frontend(server)
     try:
         browser.eval(f"""(() => {{
             window.app.graph.clear();

@@ -1,4 +1,8 @@
-"""Shared fixtures for the fera_core tests: the reference fixture files and the tiny UNet."""
+"""Fixtures of the fera_core tests (no ComfyUI): the reference fixture files (tests/fixtures) and the tiny UNet.
+
+Helpers beside this file (plain modules, never test modules): band_references.py re-implements the
+indicator's band decompositions; diffusers_pipeline.py builds tiny diffusers pipelines and image folders.
+"""
 import json
 from pathlib import Path
 

@@ -4,7 +4,7 @@ import torch
 
 from fera_core import FeRAConfig, FeRAModel, band_components, fecl_loss
 
-from test_indicator import partition_by_scipy, reference_dog
+from band_references import partition_by_scipy, reference_dog
 
 
 def hand_fecl(base, fera, target, n=3, weight=0.1, decompose=None):

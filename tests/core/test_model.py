@@ -8,6 +8,8 @@ from fera_core import AdapterFileError, FeRAAdapter, FeRAConfig, FeRAModel, load
 from fera_core.model import check_fits, find_targets
 from fera_core.experts import RoutedExperts
 
+from band_references import reference_dog
+
 Z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
 T = torch.tensor([900, 100])
 C = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
@@ -346,8 +348,6 @@ def odd_reference_file(path, rank=8, experts=4, bands=4, hidden=16):
 def by_hand(sd, z, x, layer, name, alpha, tau, rank=8, experts=4, bands=4):
     """The reference's formulas, written out in float64 without fera_core: e_t from the DoG
     pyramid, routing softmax(net(e_t) / tau), output W x + b + sum_m w_m (alpha / rank) up_m down_m x."""
-    from test_indicator import reference_dog
-
     energy = torch.stack([c.flatten(1).pow(2).sum(1) for c in reference_dog(z, bands)[:bands]], 1)
     e = energy / (energy.sum(1, keepdim=True) + 1e-8)
     hidden = torch.relu(e @ sd["router.net.0.weight"].T + sd["router.net.0.bias"])

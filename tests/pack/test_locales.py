@@ -8,18 +8,14 @@ outputs.<index>.{name, tooltip}} and nodeCategories.<category segment>, with '.'
 replaced by '_'. Help pages: /extensions/<pack>/docs/<NodeId>/<locale>.md first, then
 <NodeId>.md. The messages go through vue-i18n, whose message syntax gives {, }, @ and | a
 meaning. Whether every node, input and output of the live schema is covered is checked
-against ComfyUI in test_comfy_locales.py; here the files themselves.
+against ComfyUI in tests/comfy/test_locales_served.py; here the files themselves.
 """
-import json
 import re
-from pathlib import Path
 
 import pytest
 
-PACK_ROOT = Path(__file__).resolve().parents[2]
-LOCALES = PACK_ROOT / "locales"
-DOCS = PACK_ROOT / "web" / "docs"
-LANGS = ("zh", "ja")
+from locale_files import DOCS, LANGS, LOCALES, leaves, load
+
 EXTRA_FILES = ("nodeDefs", "commands", "settings")  # merged into main.json under these keys
 NODE_KEYS = {"display_name", "description", "inputs", "outputs"}
 SLOT_KEYS = {"name", "tooltip"}
@@ -32,25 +28,8 @@ VUE_I18N_SYNTAX = re.compile(r"[{}@|]")
 KEPT_TERMS = {"Latent", "LoRA", "CLIP", "VAE", "Diff-Tuning"}
 
 
-def load(lang: str, name: str) -> dict:
-    path = LOCALES / lang / f"{name}.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
-    """{'a.b.c': value} for every non-dict value of a nested dict."""
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(leaves(value, path + "."))
-        else:
-            out[path] = value
-    return out
-
-
 def english_node_ids() -> set[str]:
-    """Nodes with an English help page (test_comfy_nodes requires one for every node)."""
+    """Nodes with an English help page (tests/comfy/test_adapter_nodes.py requires one for every node)."""
     return {p.stem for p in DOCS.glob("*.md")}
 
 
