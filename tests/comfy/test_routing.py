@@ -22,6 +22,7 @@ routing_mod = pack_module("nodes.routing")
 keys = pack_module("nodes.module_paths")
 apply_fera = routing_mod.apply_fera
 
+
 class PlainFeRA:
     """fera_core's own FeRA on the ComfyUI modules: torch hooks, routing from the diffusion model's input."""
 
