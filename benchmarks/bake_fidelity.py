@@ -2,7 +2,7 @@
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bake_fidelity.py [--seeds N] [--steps S]
 
-Not a test: prints a table. Model: the tiny SD1.5-architecture UNet of tests/test_comfy_apply.py
+Not a test: prints a table. Model: the tiny SD1.5-architecture UNet of tests/comfy/tiny_sampling.py
 (ComfyUI's own classes, random weights) with its test adapter (56 layers, 3 experts, rank 4,
 'partition' indicator, random router) at strength 2. Each run: euler, 'normal' schedule, CFG 5,
 img2img at denoise 0.8 of a 2-row batch whose rows differ in spectrum (smooth / checkerboard),
@@ -34,7 +34,7 @@ if not os.environ.get("COMFYUI_PATH"):
 
 import torch  # noqa: E402
 
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "comfy")]
 from comfy_host import pack_module, setup_comfy  # noqa: E402
 
 setup_comfy()
@@ -45,8 +45,8 @@ import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 
-from test_comfy_apply import conds, latents, make_adapter, tiny_patcher  # noqa: E402
-from test_comfy_bake_schedule import hooked_conds, percent_of  # noqa: E402
+from hook_replay import hooked_conds, percent_of  # noqa: E402
+from tiny_sampling import conds, latents, make_adapter, tiny_patcher  # noqa: E402
 
 routing = pack_module("nodes.routing")
 bake = pack_module("fera_core.bake")

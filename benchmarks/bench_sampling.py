@@ -11,10 +11,10 @@ run). Reported: medians of A and B, the ratio of the medians, the median of the 
 ratios B/A (runs back to back, so machine noise affects both alike), and min/min.
 Target: B/A <= 1.10.
 
-1. tiny: the SD1.5-architecture model of tests/test_comfy_apply.py (model_channels 32,
+1. tiny: the SD1.5-architecture model of tests/comfy/tiny_sampling.py (model_channels 32,
    random weights), 2x4x8x8 latent, 3 steps, an adapter on to_q/to_k/to_v/to_out.0 of
    every attention (56 layers, 3 experts, rank 4), 'partition' indicator.
-2. sd15: a full-size SD1.5 UNet built from ComfyUI's own classes (tests/comfy_host.build_model,
+2. sd15: a full-size SD1.5 UNet built from ComfyUI's own classes (tests/comfy/comfy_host.build_model,
    the config ComfyUI detects from the released checkpoint), random float32 weights
    (std 0.02, norm weights 1, biases 0), batch 1 with CFG (the network sees 2 rows), 64x64
    latent (a 512x512 image), 3 steps. Adapter: /work/shared/fixtures/reference/
@@ -62,7 +62,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "comfy")]
 from comfy_host import build_model, pack_module, setup_comfy  # noqa: E402
 
 setup_comfy()
@@ -79,7 +79,7 @@ CPU = torch.device("cpu")
 
 # ---------------------------------------------------------------- models and adapters
 # The tiny model and adapter of the host tests.
-from test_comfy_apply import make_adapter as tiny_adapter, tiny_patcher  # noqa: E402
+from tiny_sampling import make_adapter as tiny_adapter, tiny_patcher  # noqa: E402
 
 
 def sd15_patcher(seed=0):

@@ -58,7 +58,7 @@ _check_host()
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "comfy")]
 from comfy_host import pack_module, setup_comfy, tiny_model  # noqa: E402
 
 setup_comfy()

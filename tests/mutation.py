@@ -9,7 +9,7 @@ Not part of CI (minutes to an hour). Run it when changing those modules or their
 Each run works in a fresh copy of the tracked files (default /tmp/fera-mutation-<target>), so the
 worktree never gets a mutants/ folder and core and nodes runs do not share state. mutmut names a
 mutant by its file's path, and the host tests import the glue as the package ComfyUI sees
-(`fera_pack.nodes.routing`, tests/comfy_host.py), so for the nodes target the copy is laid out
+(`fera_pack.nodes.routing`, tests/comfy/comfy_host.py), so for the nodes target the copy is laid out
 as `fera_pack/...` and the two names agree. The config is
 written to that copy's setup.cfg (mutmut reads pyproject.toml's [tool.mutmut] first; the copy's
 pyproject has none). It prints every surviving mutant and the score = killed / all mutants;
@@ -23,23 +23,26 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections import Counter
 from pathlib import Path
 
-from comfy_host import PACK_NAME
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "comfy"))
+from comfy_host import PACK_NAME  # noqa: E402
+
+PYTHONPATH = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["pythonpath"]
 
 # target: (source folders copied into mutants/, files mutated, test files run, needs ComfyUI)
 TARGETS = {
     "core": (["fera_core"], ["fera_core/router.py", "fera_core/experts.py", "fera_core/indicator.py"],
-             ["tests/test_router.py", "tests/test_experts.py", "tests/test_indicator.py",
-              "tests/test_fera_model.py", "tests/test_fecl.py", "tests/test_reference_parity.py",
-              "tests/test_core_contracts.py"], False),
+             ["tests/core/test_router.py", "tests/core/test_experts.py", "tests/core/test_indicator.py",
+              "tests/core/test_model.py", "tests/core/test_fecl.py", "tests/core/test_reference_parity.py",
+              "tests/core/test_core_contracts.py"], False),
     "nodes": (["nodes", "fera_core"], ["nodes/routing.py", "nodes/module_paths.py", "nodes/adapter_nodes.py"],
-              ["tests/test_comfy_controls.py", "tests/test_comfy_families.py", "tests/test_comfy_keys.py",
-               "tests/test_comfy_nodes.py", "tests/test_comfy_apply.py", "tests/test_comfy_trace.py",
-               "tests/test_comfy_train.py"], True),
+              ["tests/comfy/test_apply_controls.py", "tests/comfy/test_families.py", "tests/comfy/test_module_paths.py",
+               "tests/comfy/test_adapter_nodes.py", "tests/comfy/test_routing.py", "tests/comfy/test_tracing.py",
+               "tests/comfy/test_train_nodes.py"], True),
 }
 
 
@@ -57,8 +60,8 @@ def _setup_cfg(sources, mutate, tests, extra, prefix) -> str:
         # torch is not fork-safe once it has started its thread pools
         "process_isolation = forkserver\n"
         "use_git_change_detection = false\n"
-        # the tests import fera_core top-level too (pyproject's pythonpath, which the copy lacks)
-        + (f"\n[tool:pytest]\npythonpath = {prefix}\n" if prefix else "")
+        # the tests import fera_core and their helpers top-level too (pyproject's pythonpath, which the copy lacks)
+        + (f"\n[tool:pytest]\npythonpath ={lines(os.path.normpath(prefix + p) for p in PYTHONPATH)}\n" if prefix else "")
     )
 
 
