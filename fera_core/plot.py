@@ -15,6 +15,31 @@ from .trace import RoutingTrace
 STYLES = {"cond": "-", "uncond": "--", None: ":"}
 X_LABELS = {"step": "sampling step", "sigma": "sigma (noise level, high to low)"}
 
+# The one palette of every routing picture: these figures and the trace node's live chart, which
+# receives the colours with its data (nodes/inspect_nodes.py, nodes/tracing.py) and has no copy.
+# Experts are lines in matplotlib's categorical colours (C0..C6, then C9 for the grey C7); bands
+# are stacked areas along a dark-to-light ramp (matplotlib's cividis from 0.15 up), lowest
+# frequency darkest. No band colour is an expert colour, or near one.
+EXPERT_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+BAND_RAMP = ("#243c6e", "#545a6d", "#7a7a78", "#a39a74", "#d1bf61", "#fee838")
+
+
+def expert_colors(n: int) -> list[str]:
+    return [EXPERT_COLORS[m % len(EXPERT_COLORS)] for m in range(n)]
+
+
+def band_colors(n: int) -> list[str]:
+    """n colours evenly along BAND_RAMP (linear in RGB between its stops), band 0 the darkest."""
+    stops = np.array([[int(h[i:i + 2], 16) for i in (1, 3, 5)] for h in BAND_RAMP], dtype=float)
+    at = np.linspace(0, len(BAND_RAMP) - 1, n) if n > 1 else np.zeros(1)
+    rgb = [np.interp(at, np.arange(len(BAND_RAMP)), stops[:, c]) for c in range(3)]
+    return ["#%02x%02x%02x" % tuple(round(float(channel[k])) for channel in rgb) for k in range(n)]
+
+
+def palette(num_experts: int, num_bands: int) -> dict:
+    """{"experts": [...], "bands": [...]}: the hex colours of a chart with these counts."""
+    return {"experts": expert_colors(num_experts), "bands": band_colors(num_bands)}
+
 
 def _matplotlib():
     try:
@@ -61,9 +86,10 @@ def routing_figure(trace: RoutingTrace, title: str = "", x: str = "step", size=(
     FigureCanvasAgg(fig)
     top, bottom = fig.subplots(2, 1, sharex=True)
     num_experts = next(iter(series.values()))[1].shape[1]
+    colors = expert_colors(num_experts)
     for cond, (xs, weights, _) in series.items():
         for m in range(num_experts):
-            top.plot(xs, weights[:, m], STYLES[cond], color=f"C{m}", marker=".",
+            top.plot(xs, weights[:, m], STYLES[cond], color=colors[m], marker=".",
                      label=f"expert {m}" + (f" ({cond})" if cond else ""))
     top.set_ylabel("router weight\n(after controls)")
     top.set_ylim(-0.02, 1.02)
@@ -73,7 +99,7 @@ def routing_figure(trace: RoutingTrace, title: str = "", x: str = "step", size=(
     n = energies.shape[1]
     bottom.stackplot(xs, energies.T, labels=[f"band {k}" + (" (lowest freq.)" if k == 0 else
                                                             " (highest)" if k == n - 1 else "") for k in range(n)],
-                     colors=[f"C{k + num_experts}" for k in range(n)], alpha=0.8)
+                     colors=band_colors(n), alpha=0.8)
     bottom.set_ylabel("share of latent energy\n(stacked bands)")
     bottom.set_ylim(0, max(1.0, float(energies.sum(1).max())) if len(energies) else 1.0)
     bottom.set_xlabel(X_LABELS[x])
@@ -115,8 +141,9 @@ def plot_band_energies(energies, labels: list[str] | None = None, title: str = "
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     left = np.zeros(rows)
+    colors = band_colors(n)
     for k in range(n):
-        ax.barh(range(rows), energies[:, k], left=left, color=f"C{k}",
+        ax.barh(range(rows), energies[:, k], left=left, color=colors[k],
                 label=f"band {k}" + (" (lowest freq.)" if k == 0 else " (highest)" if k == n - 1 else ""))
         left += energies[:, k]
     ax.set_yticks(range(rows), labels)

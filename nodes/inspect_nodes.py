@@ -19,7 +19,7 @@ from ..fera_core.trace import RoutingTrace
 from .model_folder import free_stem
 from .routing import routings_of
 from .sockets import CATEGORY, FeRATraceType
-from .tracing import TRACE_NODE
+from .tracing import TRACE_NODE, chart_head
 
 
 def _image(pixels) -> torch.Tensor:
@@ -30,8 +30,7 @@ def _image(pixels) -> torch.Tensor:
 def chart_data(run_id: str, trace: RoutingTrace) -> dict:
     """What the node's chart draws of a finished run (the web module aggregates the rows itself)."""
     meta = trace.meta
-    return {"run": run_id, "node": meta.get("sampler_node"), "title": meta.get("title", ""),
-            "experts": meta.get("num_experts"), "bands": meta.get("num_bands"),
+    return {"run": run_id, "node": meta.get("sampler_node"), **chart_head(meta),
             "rows": [{k: r[k] for k in ("step", "sigma", "cond", "row", "energies", "weights")} for r in trace.rows()]}
 
 

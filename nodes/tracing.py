@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..fera_core.plot import palette
 from ..fera_core.trace import RoutingTrace
 
 TRACE_NODE = "FeRARoutingTrace"
@@ -78,6 +79,13 @@ def percent_function(model_sampling):
     return percent_of
 
 
+def chart_head(meta: dict) -> dict:
+    """What the trace node's chart takes from a run's meta: title, counts, and the colours of
+    fera_core.plot's palette (the chart has no copy of it)."""
+    experts, bands = meta.get("num_experts") or 0, meta.get("num_bands") or 0
+    return {"title": meta.get("title", ""), "experts": experts, "bands": bands, "colors": palette(experts, bands)}
+
+
 def fingerprint(latent: torch.Tensor) -> torch.Tensor:
     """FINGERPRINT_SIZE values of a latent at fixed, evenly spread positions (a device gather, no sync).
     Copies between devices and float casts keep them, so the output of a run can be recognised in the
@@ -101,8 +109,7 @@ class TracedRun:
         self.shape: tuple | None = None
         self.print: torch.Tensor | None = None
         if request.live:
-            self._send("start", total=int(sigmas.shape[-1]) - 1, title=meta.get("title", ""),
-                       experts=meta.get("num_experts"), bands=meta.get("num_bands"))
+            self._send("start", total=int(sigmas.shape[-1]) - 1, **chart_head(meta))
 
     def record(self, energies, weights, sigma, options: dict) -> None:
         uuids = options.get("uuids")

@@ -5,7 +5,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
-  applyEvent, describe, fromOutput, isFor, layout, nearest, palette, points, stepX, valueY,
+  applyEvent, colorOf, describe, fromOutput, isFor, layout, nearest, palette, points, stepX, valueY,
 } from "./fera_chart_data.js";
 
 const NODE = "FeRARoutingTrace";
@@ -79,7 +79,7 @@ function draw(chart) {
       ctx.lineTo(stepX(run, pts[pts.length - 1].step, rect), valueY(0, rect));
       ctx.lineTo(stepX(run, pts[0].step, rect), valueY(0, rect));
       ctx.closePath();
-      ctx.fillStyle = colors.bands[k % colors.bands.length];
+      ctx.fillStyle = colorOf(run, "bands", k, colors.fg);
       ctx.fill();
     }
   }
@@ -90,7 +90,7 @@ function draw(chart) {
       if (!line.length) continue;
       ctx.beginPath();
       ctx.setLineDash(DASH[label]);
-      ctx.strokeStyle = colors.series[m % colors.series.length];
+      ctx.strokeStyle = colorOf(run, "experts", m, colors.fg);
       ctx.lineWidth = 1.5;
       line.forEach((p, i) => {
         const x = stepX(run, p.step, areas.weights), y = valueY(p.weights[label][m], areas.weights);
@@ -106,7 +106,7 @@ function draw(chart) {
   ctx.fillStyle = colors.fg;
   ctx.fillText("step", rect.x + rect.w, rect.y + rect.h + 3);
   for (let m = 0; m < run.experts; m++) {
-    ctx.fillStyle = colors.series[m % colors.series.length];
+    ctx.fillStyle = colorOf(run, "experts", m, colors.fg);
     ctx.fillText(`expert ${m}`, areas.weights.x + areas.weights.w - 4, areas.weights.y + 3 + 11 * m);
   }
   // hover: the nearest step's values

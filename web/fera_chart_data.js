@@ -5,8 +5,17 @@
 
 export const LABELS = ["cond", "uncond", "all"]; // "all": rows traced without cond/uncond
 
-export function newRun({ run = null, node = null, title = "", experts = 0, bands = 0, total = 0 } = {}) {
-  return { run, node, title, experts, bands, total, done: false, steps: new Map() };
+/** colors: {experts: [hex], bands: [hex]}, the palette of fera_core/plot.py that the server sends with
+ * the run (the same colours as the Routing Plot image; no copy here). */
+export function newRun({ run = null, node = null, title = "", experts = 0, bands = 0, total = 0, colors = null } = {}) {
+  return { run, node, title, experts, bands, total, colors, done: false, steps: new Map() };
+}
+
+/** Colour of expert or band `i` (kind "experts" | "bands") of a run, cycling through what the server
+ * sent; `fallback` (the theme's text colour) when it sent none. */
+export function colorOf(run, kind, i, fallback) {
+  const list = run.colors?.[kind] ?? [];
+  return list.length ? list[i % list.length] : fallback;
 }
 
 function add(into, values) {
@@ -114,14 +123,11 @@ export function describe(point) {
   return lines;
 }
 
-/** Colours for the current theme, from the frontend's CSS variables (light theme fallbacks). */
+/** Theme colours (text, background, grid) from the frontend's CSS variables (light theme fallbacks);
+ * the data colours come with the run (colorOf). */
 export function palette(css = {}) {
   const fg = (css["--fg-color"] || "").trim() || "#222";
   const bg = (css["--comfy-input-bg"] || css["--bg-color"] || "").trim() || "#fff";
   const grid = (css["--border-color"] || "").trim() || "#8884";
-  return {
-    fg, bg, grid,
-    series: ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"],
-    bands: ["#6baed6", "#fd8d3c", "#74c476", "#9e9ac8", "#fb6a4a", "#bcbddc", "#fdd0a2", "#c7e9c0"],
-  };
+  return { fg, bg, grid };
 }

@@ -1,4 +1,5 @@
-"""The diffusers trainer's data: images with same-named .txt captions, and the seeded order of rows.
+"""Training data: folders of images with same-named .txt captions (read by the diffusers trainer and
+by ComfyUI's Load FeRA Training Images node), and the trainer's seeded order of rows.
 
 Every random draw of optimizer step s (which images, and in step.py's noise_draws the noise levels
 and noise) is made for the whole global batch from (seed, s), so the loss curve is the same however
@@ -12,26 +13,67 @@ from pathlib import Path
 import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_SUFFIX = ".txt"
 
 
 class TrainingError(ValueError):
     """A setting or input the trainer cannot use; the message says which and why."""
 
 
+def _names(paths, shown: int = 8) -> str:
+    names = [p.name for p in paths]
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def image_files(folder) -> list[Path]:
+    """The images of a training folder, by name. Any other file (captions, hidden files and subfolders
+    aside) is refused rather than skipped: a photo in a format not read here would silently be left out."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TrainingError(f"image folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES + (CAPTION_SUFFIX,)]
+    if others:
+        raise TrainingError(f"{folder} holds files that are not images ({', '.join(IMAGE_SUFFIXES)}) or "
+                            f"{CAPTION_SUFFIX} captions: {_names(others)}; convert them or move them out")
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        raise TrainingError(f"{folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
+    return images
+
+
+def captions_of(images: list[Path], default: str | None = None) -> list[str]:
+    """Each image's same-named .txt caption; `default` for images without one (None: they are an error)."""
+    missing = {p for p in images if not p.with_suffix(CAPTION_SUFFIX).is_file()}
+    if missing and default is None:
+        raise TrainingError(f"{len(missing)} image(s) in {images[0].parent} have no {CAPTION_SUFFIX} caption: "
+                            f"{_names(sorted(missing))}")
+    return [default if p in missing else p.with_suffix(CAPTION_SUFFIX).read_text(encoding="utf-8").strip()
+            for p in images]
+
+
+def fitted_image(path: Path, width: int, height: int):
+    """The image at `path` as an RGB PIL image of width x height: turned upright (EXIF), scaled to cover
+    the size, then centre-cropped. A file PIL cannot read is a TrainingError naming it."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise TrainingError(f"cannot read the image {path}: {err}") from None
+    scale = max(width / im.width, height / im.height)
+    im = im.resize((max(width, round(im.width * scale)), max(height, round(im.height * scale))), Image.BICUBIC)
+    left, top = (im.width - width) // 2, (im.height - height) // 2
+    return im.crop((left, top, left + width, top + height))
+
+
 class ImageCaptions:
     """Images with same-named .txt captions, resized (shorter side) and centre-cropped, in [-1, 1]."""
 
     def __init__(self, folder, resolution: int):
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise TrainingError(f"image folder {folder} does not exist")
-        self.images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.images:
-            raise TrainingError(f"{folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
-        missing = [p.name for p in self.images if not p.with_suffix(".txt").is_file()]
-        if missing:
-            raise TrainingError(f"{len(missing)} images in {folder} have no .txt caption, e.g. {missing[:3]}")
-        self.captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in self.images]
+        self.images = image_files(folder)
+        self.captions = captions_of(self.images)
         self.resolution = resolution
 
     def __len__(self) -> int:
@@ -39,16 +81,9 @@ class ImageCaptions:
 
     def pixels(self, index: int) -> torch.Tensor:
         import numpy as np
-        from PIL import Image
 
-        with Image.open(self.images[index]) as im:
-            im = im.convert("RGB")
-            r = self.resolution
-            scale = r / min(im.size)
-            im = im.resize((max(r, round(im.width * scale)), max(r, round(im.height * scale))), Image.BICUBIC)
-            left, top = (im.width - r) // 2, (im.height - r) // 2
-            im = im.crop((left, top, left + r, top + r))
-            return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+        im = fitted_image(self.images[index], self.resolution, self.resolution)
+        return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
 
 
 def batch_indices(step: int, batch: int, n: int, seed: int) -> list[int]:

@@ -6,9 +6,9 @@ host can import this file (or not) without paying for, or depending on, ComfyUI.
 
 Full-size architectures are built on the meta device from ComfyUI's own supported_models
 classes, so no weights are allocated; only write_random_checkpoint materialises tensors, one at a
-time, straight into the file. tiny_model builds small real models of the same classes, and
-random_adapter a FeRA adapter for them; both draw from their own seeded generators, so a test's
-numbers never depend on which tests ran before it.
+time, straight into the file. tiny_model builds small real models of the same classes, tiny_clip
+a small SD1.x text encoder, and random_adapter a FeRA adapter for them; all draw from their own
+seeded generators, so a test's numbers never depend on which tests ran before it.
 """
 
 import importlib
@@ -200,6 +200,26 @@ def tiny_model(family, seed=0, dtype=None):
     model.diffusion_model.to(dtype)
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def tiny_clip(seed=0):
+    """ComfyUI's own SD1.x text encoder (comfy.sd.CLIP over sd1_clip's tokenizer and CLIP-L model class),
+    TINY_CONTEXT wide with two layers (the host's `clip_l_model_config` option), weights N(0, 0.1^2) from
+    a generator seeded with `seed`. The real tokenizer, so captions become different token ids; its
+    conditioning is TINY_CONTEXT wide, what the tiny models take."""
+    setup_comfy()
+    import torch
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    config = dict(hidden_size=TINY_CONTEXT, intermediate_size=2 * TINY_CONTEXT, num_attention_heads=2,
+                  num_hidden_layers=2, projection_dim=TINY_CONTEXT)
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": config, "dtype": torch.float32})
+    gen = torch.Generator().manual_seed(seed)
+    clip.cond_stage_model.load_state_dict(
+        {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in clip.cond_stage_model.state_dict().items()})
+    return clip
 
 
 def random_adapter(model, seed, targets=("to_q", "to_k", "to_v", "to_out.0"), up_std=0.5, router_std=1.0,

@@ -17,7 +17,8 @@ core = pack_module("fera_core")  # the pack's own copy: its exception classes ar
 TINY_PT = PACK_ROOT / "tests" / "fixtures" / "tiny_reference_adapter.pt"
 NODE_IDS = {"LoadFeRAAdapter", "ApplyFeRA", "LoadFeRAModelOnly",
             "FeRARoutingTrace", "FeRARoutingPlot", "SaveFeRATrace", "FeRALatentBandEnergy",
-            "TrainFeRA", "SaveFeRAAdapter", "BakeFeRAToLoRA", "BakeFeRAToLoRASchedule"}
+            "LoadFeRATrainingImages", "TrainFeRA", "SaveFeRAAdapter", "BakeFeRAToLoRA",
+            "BakeFeRAToLoRASchedule"}
 
 
 @pytest.fixture(scope="module")

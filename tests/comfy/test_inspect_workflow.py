@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from fera_core import plot
 from comfy_host import PACK_ROOT
-from comfy_server import (CHROMIUM, DIALOGS_JS, needs_sd15_adapter, open_frontend, small_prompt, ui_to_api,
+from comfy_server import (CHROMIUM, DIALOGS_JS, PACK_DIR_NAME, needs_sd15_adapter, open_frontend, small_prompt, ui_to_api,
                           widget_names)
 
 INSPECT = PACK_ROOT / "workflows" / "inspect_routing.json"
@@ -110,6 +111,7 @@ def test_inspect_workflow_runs_and_requeue_shows_the_new_run(server, object_info
     assert kinds == ["start"] + ["step"] * STEPS + ["end"], kinds
     assert len({e["data"]["run"] for e in events}) == 1 and events[0]["data"]["run"] == chart["run"]
     assert events[0]["data"]["node"] == ids["KSampler"][0] and events[0]["data"]["total"] == STEPS
+    assert events[0]["data"]["colors"] == chart["colors"] == plot.palette(3, 3)  # the Routing Plot's colours
     live_rows = [r for e in events[1:-1] for r in e["data"]["rows"]]
     assert [(r["step"], r["cond"], r["weights"]) for r in live_rows] == [(r["step"], r["cond"], r["weights"])
                                                                          for r in rows]
@@ -184,6 +186,7 @@ def test_frontend_draws_the_chart_in_the_trace_node(server, object_info, sd15_ch
             " for (let i = 0; i < d.length; i += 16) seen.add(d[i] << 16 | d[i + 1] << 8 | d[i + 2]);"
             " return {w: c.width, h: c.height, colours: seen.size}; })()")
         assert drawn["w"] > 200 and drawn["h"] > 100 and drawn["colours"] > 10, drawn
+        _bands_and_experts_in_their_own_colours(browser, f"{node_js}.feraChart")
         shot = Path(tempfile.gettempdir()) / f"fera-inspect-{server.port}.png"
         browser.screenshot(shot)
         print(f"\ninspect screenshot: {shot} (chart canvas {drawn})")
@@ -191,6 +194,46 @@ def test_frontend_draws_the_chart_in_the_trace_node(server, object_info, sd15_ch
         assert not [e for e in browser.exceptions if "fera" in json.dumps(e)]
     finally:
         browser.close()
+
+
+# Per panel of the chart (weights above, energies below), how many canvas pixels have each of the
+# run's expert and band colours (within 3 levels per channel: lines are antialiased at their edges).
+_PANEL_COLOURS_JS = """(async (chart) => {
+  const { layout } = await import(%s);
+  const c = chart.canvas, scale = c.width / c.clientWidth, data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  const rgb = (h) => [1, 3, 5].map((i) => parseInt(h.slice(i, i + 2), 16));
+  const areas = layout(c.clientWidth, c.clientHeight), out = {};
+  for (const [panel, r] of Object.entries(areas)) {
+    out[panel] = {};
+    for (const kind of ['experts', 'bands']) {
+      out[panel][kind] = chart.run.colors[kind].map((h) => {
+        const [R, G, B] = rgb(h);
+        let n = 0;
+        for (let y = Math.ceil(r.y * scale) + 2; y < Math.floor((r.y + r.h) * scale) - 2; y++)
+          for (let x = Math.ceil(r.x * scale) + 2; x < Math.floor((r.x + r.w) * scale) - 2; x++) {
+            const i = 4 * (y * c.width + x);
+            if (Math.abs(data[i] - R) <= 3 && Math.abs(data[i + 1] - G) <= 3 && Math.abs(data[i + 2] - B) <= 3) n++;
+          }
+        return n;
+      });
+    }
+  }
+  return out;
+})"""
+
+
+def _bands_and_experts_in_their_own_colours(browser, chart_js):
+    """The live chart draws with fera_core.plot's palette, sent by the server: the band areas are in band
+    colours, and no pixel of the energy panel has an expert's colour (the chart once filled the bands
+    in the experts' blue, orange and green)."""
+    colours = browser.eval(f"{chart_js}.run.colors")
+    assert colours == plot.palette(3, 3), colours
+    counts = browser.eval(f"{_PANEL_COLOURS_JS % json.dumps(f'/extensions/{PACK_DIR_NAME}/fera_chart_data.js')}"
+                          f"({chart_js})")
+    print(f"\nchart pixels per colour: {counts}")
+    assert counts["energies"]["bands"][0] > 500, counts  # band 0 (low frequencies) holds most of a latent's energy
+    assert counts["energies"]["experts"] == [0, 0, 0], counts
+    assert sum(counts["weights"]["experts"]) > 50, counts  # the expert lines above
 
 
 def _chart_follows_zoom_dpi_theme_and_hover(browser, chart_js):

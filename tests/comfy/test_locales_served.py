@@ -120,10 +120,7 @@ def _frontend_view(srv, lang: str, workflows: list[Path]) -> dict[str, list[dict
         for path in workflows:
             wf = json.loads(path.read_text())
             absent = sorted({n["type"] for n in wf["nodes"]} - registered)
-            if absent and path != WORKFLOW and not set(absent) & set(load(lang, "nodeDefs")):
-                # a core node this older ComfyUI lacks (0.3.64: no LoadImageDataSetFromFolder); never one of ours
-                print(f"\n{lang}, {path.name}: not loaded, this ComfyUI has no {absent}")
-                continue
+            assert not absent, f"{lang}, {path.name}: node types unknown to the frontend: {absent}"
             browser.eval(f"window.app.loadGraphData({json.dumps(wf)})")
             browser.wait_for(f"window.app.graph.nodes.length === {len(wf['nodes'])}", timeout=60)
             time.sleep(1.0)

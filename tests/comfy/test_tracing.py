@@ -13,6 +13,7 @@ import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import folder_paths  # noqa: E402
 
+from fera_core import plot  # noqa: E402
 from tiny_sampling import conds, make_adapter  # noqa: E402
 
 routing = pack_module("nodes.routing")
@@ -169,6 +170,7 @@ def test_trace_plot_save_nodes(patcher, adapter, tmp_path, monkeypatch):
     assert isinstance(trace, RoutingTrace) and len(trace.rows()) == 16
     chart = result.ui["fera_trace"][0]
     assert chart["experts"] == 3 and chart["bands"] == 3 and len(chart["rows"]) == 16
+    assert chart["colors"] == plot.palette(3, 3)  # the live chart draws with the Routing Plot's colours
     assert chart["title"].startswith("tiny.safetensors  strength 1.0")
     image = inspect.FeRARoutingPlot.execute(trace, "sigma").result[0]
     assert image.shape == (1, 600, 800, 3) and image.dtype == torch.float32 and 0 <= image.min() < image.max() <= 1

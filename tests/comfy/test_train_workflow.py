@@ -1,9 +1,9 @@
 """workflows/train_fera.json in a real ComfyUI server (COMFYUI_PATH), driven over HTTP.
 
 Uses comfy_server.py's server (own instance for this module) and random full-size SD1.5
-checkpoint, and the real frontend (headless Chromium) for the loader's list after a save. The workflow loads its images with ComfyUI 0.33's LoadImageDataSetFromFolder (one
-image per list item); on hosts that only have the older LoadImageSetFromFolderNode (0.3.x, one
-batch) the test swaps that node in, as a user of such a version would.
+checkpoint, and the real frontend (headless Chromium) for the loader's list after a save. The
+workflow loads its images and captions with the pack's own Load FeRA Training Images, so it runs
+unchanged on every tested ComfyUI version (test_server.py checks that no node is missing).
 """
 import json
 import struct
@@ -12,36 +12,33 @@ import pytest
 import torch
 
 from comfy_host import PACK_ROOT
-from comfy_server import CHROMIUM, TINY_ADAPTER, open_frontend, ui_to_api, widget_names
+from comfy_server import CHROMIUM, TINY_ADAPTER, open_frontend, ui_to_api
+from fera_core.adapter_file import load_adapter
 
 WORKFLOW = PACK_ROOT / "workflows" / "train_fera.json"
-NEW_LOADER, OLD_LOADER = "LoadImageDataSetFromFolder", "LoadImageSetFromFolderNode"
 
 
-def workflow_for(object_info):
+def _source(wf, node, slot):
+    """(type, output slot) of what feeds input `slot` of `node`."""
+    link = next(link for link in wf["links"] if link[0] == node["inputs"][slot]["link"])
+    return next(n["type"] for n in wf["nodes"] if n["id"] == link[1]), link[2]
+
+
+def test_train_workflow_feeds_folder_images_and_captions_to_training(object_info):
+    """Checkpoint -> Load FeRA Training Images (its CLIP) -> VAE Encode -> Train FeRA, with one conditioning
+    per image from the captions; trained and base model sampled with the same seed and settings."""
     wf = json.loads(WORKFLOW.read_text())
-    if NEW_LOADER not in object_info:
-        for node in wf["nodes"]:
-            if node["type"] == NEW_LOADER:
-                node["type"] = node["properties"]["Node name for S&R"] = OLD_LOADER
-                node["widgets_values"] = node["widgets_values"] + ["None"]  # resize_method
-    return wf
-
-
-def test_train_workflow_matches_object_info(object_info):
-    wf = workflow_for(object_info)
-    nodes = {n["id"]: n for n in wf["nodes"]}
-    assert wf["version"] == 0.4 and wf["last_node_id"] >= max(nodes)
-    assert {"TrainFeRA", "SaveFeRAAdapter", "LossGraphNode", "VAEEncode", "KSampler"} <= {n["type"] for n in wf["nodes"]}
+    by_type = {}
     for node in wf["nodes"]:
-        assert len(node.get("widgets_values", [])) == len(widget_names(object_info[node["type"]])), node["type"]
-    for link_id, src, src_slot, dst, dst_slot, typ in wf["links"]:
-        assert object_info[nodes[src]["type"]]["output"][src_slot] == typ, link_id
-        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id and nodes[dst]["inputs"][dst_slot]["type"] == typ
-    samplers = [n for n in wf["nodes"] if n["type"] == "KSampler"]
-    models = {nodes[next(link for link in wf["links"] if link[0] == n["inputs"][0]["link"])[1]]["type"]
-              for n in samplers}
-    assert models == {"TrainFeRA", "CheckpointLoaderSimple"}  # trained model beside the base model
+        by_type.setdefault(node["type"], []).append(node)
+    assert {"TrainFeRA", "SaveFeRAAdapter", "LossGraphNode", "VAEEncode", "KSampler"} <= set(by_type)
+    (loader,), (encode,), (train,) = by_type["LoadFeRATrainingImages"], by_type["VAEEncode"], by_type["TrainFeRA"]
+    assert _source(wf, loader, 1) == ("CheckpointLoaderSimple", 1)  # the model's own CLIP
+    assert _source(wf, encode, 0) == ("LoadFeRATrainingImages", 0)
+    assert _source(wf, train, 1) == ("VAEEncode", 0) and _source(wf, train, 2) == ("LoadFeRATrainingImages", 1)
+    assert loader["widgets_values"] == ["fera_training", 512, 512, "a photo in the style of sks"]
+    samplers = by_type["KSampler"]
+    assert {_source(wf, n, 0)[0] for n in samplers} == {"TrainFeRA", "CheckpointLoaderSimple"}  # trained beside base
     assert samplers[0]["widgets_values"] == samplers[1]["widgets_values"]  # same seed and settings
 
 
@@ -58,13 +55,15 @@ def test_train_workflow_runs_saves_adapter_loss_graph_and_both_samples(server, o
     folder.mkdir(exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     for i in range(2):
-        pixels = (torch.rand(64, 64, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        pixels = (torch.rand(80, 64, 3, generator=gen) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(folder / f"img{i}.png")
-    prompt = ui_to_api(workflow_for(object_info), object_info)
+    (folder / "img1.txt").write_text("random noise in the style of sks")  # img0: the default caption
+    prompt = ui_to_api(json.loads(WORKFLOW.read_text()), object_info)
     by_type = {}
     for node_id, node in prompt.items():
         by_type.setdefault(node["class_type"], []).append(node_id)
     prompt[by_type["CheckpointLoaderSimple"][0]]["inputs"]["ckpt_name"] = sd15_checkpoint
+    prompt[by_type["LoadFeRATrainingImages"][0]]["inputs"].update(width=64, height=64)
     prompt[by_type["EmptyLatentImage"][0]]["inputs"].update(width=64, height=64)
     for node_id in by_type["KSampler"]:
         prompt[node_id]["inputs"]["steps"] = 2
@@ -75,6 +74,7 @@ def test_train_workflow_runs_saves_adapter_loss_graph_and_both_samples(server, o
     assert [p.name for p in saved][-1:] == [f"FeRA_trained_{len(saved):05}_.safetensors"]
     text = entry["outputs"][by_type["TrainFeRA"][0]]["text"][0]
     assert "layers" in text and "loss" in text, text
+    assert load_adapter(saved[-1]).training_settings["images"] == 2
     graph = entry["outputs"][by_type["LossGraphNode"][0]]["images"][0]
     assert _png_size(server.base / graph["type"] / graph["subfolder"] / graph["filename"])
     for node_id in by_type["SaveImage"]:

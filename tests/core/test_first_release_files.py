@@ -11,7 +11,7 @@ from fera_core import load_adapter
 from fera_core.bake import read_baked_lora
 from fera_core.trace import RoutingTrace
 
-V01 = Path(__file__).resolve().parent / "fixtures" / "v0.1"
+V01 = Path(__file__).resolve().parents[1] / "fixtures" / "v0.1"
 
 
 def test_adapter_of_the_first_release_loads_with_its_settings():

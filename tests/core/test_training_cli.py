@@ -264,7 +264,7 @@ def test_missing_caption_and_changed_resume_settings_are_refused(setup, tmp_path
     (partial / "img2.txt").unlink()
     assert main(["train", str(pipe), str(partial), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "1 images" in err and "img2.png" in err
+    assert "1 image(s)" in err and "img2.png" in err
     out = tmp_path / "out"
     run_inline(setup, out, steps=3)
     assert main(args_for(setup, out, "--resume", "--seed", "1")) == 2

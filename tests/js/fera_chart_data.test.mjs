@@ -3,7 +3,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 
 import {
-  addRows, applyEvent, describe, fromOutput, isFor, layout, nearest, newRun, palette, points, stepX, valueY,
+  addRows, applyEvent, colorOf, describe, fromOutput, isFor, layout, nearest, newRun, palette, points, stepX, valueY,
 } from "../../web/fera_chart_data.js";
 
 const row = (step, cond, weights, energies, sigma = 10 - step) => ({ step, sigma, cond, row: 0, weights, energies });
@@ -80,9 +80,24 @@ test("tooltip text names step, sigma and values", () => {
   assert.deepEqual(describe(p), ["step 3   sigma 2.50", "cond: e0 0.250  e1 0.750", "uncond: e0 0.500  e1 0.500", "bands: 0.600 / 0.400"]);
 });
 
-test("palette follows the theme's CSS variables, with light fallbacks", () => {
+test("palette follows the theme's CSS variables, with light fallbacks; it holds no data colours", () => {
   assert.equal(palette({ "--fg-color": " #ddd", "--comfy-input-bg": "#222" }).fg, "#ddd");
   assert.equal(palette({ "--fg-color": "#ddd", "--comfy-input-bg": "#222" }).bg, "#222");
   assert.equal(palette().fg, "#222");
   assert.equal(palette().bg, "#fff");
+  assert.deepEqual(Object.keys(palette()).sort(), ["bg", "fg", "grid"]); // experts and bands: colorOf
+});
+
+// what fera_core/plot.py's palette(3, 3) sends (the values do not matter here, only where they go)
+const COLORS = { experts: ["#e0", "#e1", "#e2"], bands: ["#b0", "#b1", "#b2"] };
+
+test("experts and bands are drawn in the colours the server sends with the run, never each other's", () => {
+  const live = applyEvent(null, { kind: "start", run: "a", experts: 3, bands: 3, total: 2, colors: COLORS });
+  const done = fromOutput({ run: "a", experts: 3, bands: 3, colors: COLORS, rows: [row(0, "cond", [1, 0, 0], [1, 0, 0])] });
+  for (const run of [live, done]) {
+    assert.deepEqual([0, 1, 2].map((m) => colorOf(run, "experts", m, "fg")), COLORS.experts);
+    assert.deepEqual([0, 1, 2].map((k) => colorOf(run, "bands", k, "fg")), COLORS.bands);
+  }
+  assert.equal(colorOf(live, "experts", 4, "fg"), "#e1"); // more experts than colours: cycle
+  assert.equal(colorOf(newRun({ run: "old" }), "bands", 0, "fg"), "fg"); // no colours sent: the text colour
 });
