@@ -148,7 +148,7 @@ def test_tracing_changes_nothing_and_keeps_the_callers_callback(patcher, adapter
     sigmas = comfy.samplers.calculate_sigmas(patcher.model.model_sampling, "normal", 4)
     torch.testing.assert_close(trace.schedule.cpu(), sigmas, rtol=0, atol=0)
     assert trace.meta["settings"] == {"strength": 1.0, "tau": adapter.config.router_tau}
-    assert trace.meta["indicator"] == adapter.config.indicator and trace.meta["adapter"] == "FeRA adapter (sd15)"
+    assert trace.meta["indicator"] == adapter.config.indicator and trace.meta["adapter"] == "FeRA adapter (SD1.5)"
 
 
 def test_tracing_off_records_nothing(patcher, adapter):
