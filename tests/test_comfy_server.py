@@ -21,6 +21,7 @@ random checkpoint (2.1 GB, about a minute to write) is cached at FERA_SD15_CHECK
 """
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -140,9 +141,10 @@ def _link_or_copy(src: Path, dst: Path):
         shutil.copyfile(src, dst)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy-base")
+@contextlib.contextmanager
+def running_server(base: Path):
+    """ComfyUI serving from the empty base directory `base` (the pack linked into its custom_nodes, the
+    reference adapters into models/fera) until the block ends. Also used by docs/make_pictures.py."""
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK_DIR_NAME).symlink_to(PACK_ROOT, target_is_directory=True)
     for sub in ("models/checkpoints", "models/fera", "models/loras", "user", "input", "output", "temp"):
@@ -191,12 +193,17 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("comfy-base")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
 def object_info(server) -> dict:
     return server.get("/object_info")
 
 
-@pytest.fixture(scope="module")
-def sd15_checkpoint(server) -> str:
+def random_sd15_checkpoint(server) -> str:
     """A random full-size SD1.5 checkpoint in the server's models/checkpoints; returns its name."""
     cached = Path(os.environ.get("FERA_SD15_CHECKPOINT")
                   or Path(tempfile.gettempdir()) / "fera-test-cache" / "random_sd15_seed0.safetensors")
@@ -207,6 +214,11 @@ def sd15_checkpoint(server) -> str:
     if not dst.exists():
         _link_or_copy(cached, dst)
     return CHECKPOINT_NAME
+
+
+@pytest.fixture(scope="module")
+def sd15_checkpoint(server) -> str:
+    return random_sd15_checkpoint(server)
 
 
 # ---------------------------------------------------------------- UI workflow -> API prompt
