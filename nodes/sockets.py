@@ -9,6 +9,7 @@ from .model_folder import adapter_names
 CATEGORY = "FeRA"
 FeRAAdapterType = io.Custom("FERA_ADAPTER")
 FeRATraceType = io.Custom("FERA_TRACE")
+FeRAScheduleType = io.Custom("FERA_SCHEDULE")  # fera_core.schedule's JSON form, a plain dict
 
 
 def adapter_name_input():

@@ -20,7 +20,7 @@ from test_comfy_apply import make_adapter, tiny_patcher  # noqa: E402
 TINY_PT = PACK_ROOT / "tests" / "fixtures" / "tiny_reference_adapter.pt"
 NODE_IDS = {"LoadFeRAAdapter", "ApplyFeRA", "LoadFeRAModelOnly",
             "FeRARoutingTrace", "FeRARoutingPlot", "SaveFeRATrace", "FeRALatentBandEnergy",
-            "TrainFeRA", "SaveFeRAAdapter", "BakeFeRAToLoRA", "BakeFeRAToLoRASchedule"}
+            "TrainFeRA", "SaveFeRAAdapter", "BakeFeRAToLoRA", "BakeFeRAToLoRASchedule", "FeRASchedule"}
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ pytestmark = pytest.mark.comfy
 PACK_DIR_NAME = "comfyui-fera"
 FERA_NODES = ("LoadFeRAAdapter", "ApplyFeRA", "LoadFeRAModelOnly", "FeRARoutingTrace", "FeRARoutingPlot",
               "SaveFeRATrace", "FeRALatentBandEnergy", "TrainFeRA", "SaveFeRAAdapter", "BakeFeRAToLoRA",
-              "BakeFeRAToLoRASchedule")
+              "BakeFeRAToLoRASchedule", "FeRASchedule")
 WORKFLOW = PACK_ROOT / "workflows" / "apply_fera.json"
 WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))  # every one must open from the Templates browser
 REFERENCE = PACK_ROOT.parent / "shared" / "fixtures" / "reference"
