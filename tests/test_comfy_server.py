@@ -361,7 +361,7 @@ def test_workflow_matches_object_info(object_info):
     apply = next(n for n in api.values() if n["class_type"] == "ApplyFeRA")["inputs"]
     assert {k: v for k, v in apply.items() if not isinstance(v, list)} == {
         "strength": 1.0, "temperature": 0.0, "force_expert": -1, "mix": "", "gains": "",
-        "start_percent": 0.0, "end_percent": 1.0}
+        "start_percent": 0.0, "end_percent": 1.0, "blend": 1.0}
     assert {k for k, v in apply.items() if isinstance(v, list)} == {"model", "fera_adapter"}
 
 

@@ -1,12 +1,15 @@
 // Data handling of the FeRA routing chart: plain functions, no DOM (tested with `node --test`).
 // A run collects the rows of a routing trace (live "fera.trace" events or the trace node's
 // finished output) and reduces them to one point per sampling step: the mean router weights of the
-// cond and uncond rows, and the mean band energies.
+// cond and uncond rows, and the mean band energies. A run with a drawn expert schedule also has the
+// schedule and its percent at every step, where the chart draws it.
+import { readSchedule, valueAt } from "./fera_schedule_data.js";
 
 export const LABELS = ["cond", "uncond", "all"]; // "all": rows traced without cond/uncond
 
-export function newRun({ run = null, node = null, title = "", experts = 0, bands = 0, total = 0 } = {}) {
-  return { run, node, title, experts, bands, total, done: false, steps: new Map() };
+export function newRun({ run = null, node = null, title = "", experts = 0, bands = 0, total = 0, schedule = null,
+  percents = null } = {}) {
+  return { run, node, title, experts, bands, total, schedule, percents, done: false, steps: new Map() };
 }
 
 function add(into, values) {
@@ -19,7 +22,7 @@ export function addRows(run, rows) {
     const step = r.step ?? 0;
     let s = run.steps.get(step);
     if (!s) {
-      s = { step, sigma: r.sigma ?? null, weights: {}, energies: { sum: [], n: 0 } };
+      s = { step, sigma: r.sigma ?? null, percent: r.percent ?? null, weights: {}, energies: { sum: [], n: 0 } };
       run.steps.set(step, s);
     }
     const label = r.cond ?? "all";
@@ -34,13 +37,14 @@ export function addRows(run, rows) {
   return run;
 }
 
-/** One point per step, in step order: {step, sigma, weights: {label: mean[]}, energies: mean[]}. */
+/** One point per step, in step order: {step, sigma, percent, weights: {label: mean[]}, energies: mean[]}. */
 export function points(run) {
   return [...run.steps.values()]
     .sort((a, b) => a.step - b.step)
     .map((s) => ({
       step: s.step,
       sigma: s.sigma,
+      percent: s.percent ?? run.percents?.[s.step] ?? null,
       weights: Object.fromEntries(Object.entries(s.weights).map(([k, v]) => [k, v.sum.map((x) => x / v.n)])),
       energies: s.energies.sum.map((x) => x / s.energies.n),
     }));
@@ -52,6 +56,18 @@ export function fromOutput(data) {
   run.total = Math.max(run.total, run.steps.size);
   run.done = true;
   return run;
+}
+
+/** The drawn schedule at each step's percent, for the experts with a curve: [{expert, points: [{step, value}]}].
+ * Live runs know every step's percent from the start, so the schedule is drawn ahead of the router. */
+export function scheduleLines(run) {
+  const schedule = run.schedule && readSchedule(run.schedule).schedule;
+  if (!schedule) return [];
+  const steps = run.percents ? run.percents.map((percent, step) => ({ step, percent }))
+    : points(run).filter((p) => p.percent != null);
+  return schedule.curves.map((curve, expert) => ({
+    expert, points: steps.map(({ step, percent }) => ({ step, value: valueAt(curve, percent) })),
+  })).filter(({ expert, points: line }) => schedule.curves[expert].length && line.length);
 }
 
 /** Apply a "fera.trace" event (kind start | step | end) to `current`; returns the run to show. */
