@@ -1,6 +1,6 @@
 """python -m fera_core demo: the whole method on a fresh machine, in under two minutes on 2 CPU cores.
 
-The project's own tiny diffusion model (fera_core.demo_model; trained on smooth discs) is adapted
+The project's own tiny diffusion model (fera_core.demo.model; trained on smooth discs) is adapted
 with FeRA to striped rectangles, a kind of image that differs from the base data in coarse
 structure (hard rectangles, flat backgrounds) and in fine texture (2-pixel stripes). The demo
 then samples the base model and the adapted one from the same seeds, recording the routing of
