@@ -31,6 +31,7 @@ from comfy_server import (CHROMIUM, DIALOGS_JS, HTTP_TIMEOUT, PACK_DIR_NAME, SD1
                           WORKFLOWS, input_specs, needs_sd15_adapter, open_frontend, small_prompt, ui_to_api,
                           widget_names)
 
+FIRST_RELEASE_WORKFLOWS = sorted((PACK_ROOT / "tests" / "fixtures" / "v0.1" / "workflows").glob("*.json"))
 FERA_NODES = ("LoadFeRAAdapter", "ApplyFeRA", "LoadFeRAModelOnly", "FeRARoutingTrace", "FeRARoutingPlot",
               "SaveFeRATrace", "FeRALatentBandEnergy", "LoadFeRATrainingImages", "TrainFeRA", "SaveFeRAAdapter",
               "BakeFeRAToLoRA", "BakeFeRAToLoRASchedule")
@@ -100,12 +101,33 @@ def test_every_workflow_matches_object_info(object_info, workflow):
     """Every node of every workflow is one this ComfyUI has (a missing node fails, on every tested
     version), with as many widget values as its inputs have widgets and links of the types it outputs."""
     wf = json.loads(workflow.read_text())
+    missing = sorted({n["type"] for n in wf["nodes"]} - set(object_info))
+    assert not missing, f"{workflow.name}: node types this ComfyUI does not have: {missing}"
+    _agrees_with_object_info(wf, object_info)
+
+
+@pytest.mark.parametrize("workflow", FIRST_RELEASE_WORKFLOWS, ids=lambda p: p.stem)
+def test_workflows_of_the_first_release_still_open(object_info, workflow):
+    """Node ids and widget lists are contracts: the workflows as the first release shipped them
+    (tests/fixtures/v0.1) find every FeRA node with the same widgets and outputs. Their one core node
+    that older hosts lack (0.33's LoadImageDataSetFromFolder) is checked only where the host has it."""
+    wf = json.loads(workflow.read_text())
+    fera = [n["type"] for n in wf["nodes"] if n["type"] in FERA_NODES]
+    assert fera and set(fera) <= set(object_info), fera
+    known = {n["id"] for n in wf["nodes"] if n["type"] in object_info}
+    wf["nodes"] = [n for n in wf["nodes"] if n["id"] in known]
+    wf["links"] = [link for link in wf["links"] if link[1] in known and link[3] in known]
+    kept = {link[0] for link in wf["links"]}
+    for slot in (s for n in wf["nodes"] for s in n.get("inputs", [])):
+        slot["link"] = slot["link"] if slot.get("link") in kept else None
+    _agrees_with_object_info(wf, object_info)
+
+
+def _agrees_with_object_info(wf: dict, object_info: dict):
     assert wf["version"] == 0.4
     nodes = {n["id"]: n for n in wf["nodes"]}
     assert len(nodes) == len(wf["nodes"]) and wf["last_node_id"] >= max(nodes)
     assert wf["last_link_id"] >= max(link[0] for link in wf["links"])
-    missing = sorted({n["type"] for n in wf["nodes"]} - set(object_info))
-    assert not missing, f"{workflow.name}: node types this ComfyUI does not have: {missing}"
     for node in wf["nodes"]:
         info = object_info[node["type"]]
         assert node["properties"]["Node name for S&R"] == node["type"]
