@@ -123,6 +123,9 @@ def setup_comfy():
     root = str(comfyui_root())
     if root not in sys.path:
         sys.path.insert(0, root)
+    # main.py imports ComfyUI's utils package first; once nodes.py puts comfy/ on sys.path,
+    # `import utils` would find comfy/utils.py instead and app.custom_node_manager would fail
+    import utils.extra_config  # noqa: F401
     import torch
     import comfy.cli_args
     if "comfy.model_management" not in sys.modules:

@@ -325,7 +325,7 @@ def test_save_load_apply_reproduces_the_trained_model(family, models_dir):
 @pytest.mark.parametrize("change, message", [
     (dict(learning_rate=0.0), "learning rate must be a positive number"),
     (dict(per_image=3), "2 images but 3 conditionings"),
-    (dict(other_family=True), "trained for 'sd3', this model is 'sd15'"),
+    (dict(other_family=True), "trained for SD3, this model is SD1.5"),
     (dict(retention=True), "retention images are part of Diff-Tuning"),
 ])
 def test_bad_inputs_stop_with_a_clear_message(change, message, models_dir):
