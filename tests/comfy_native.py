@@ -1,0 +1,54 @@
+"""Tiny models of the families ComfyUI loads beyond SD1.5-Flux, from ComfyUI's own classes.
+
+Each family: its comfy.supported_models class and a small configuration (the full-size one with
+widths and depths shrunk), the latent shape its sampler sees ((B, C, H, W) for image models,
+(B, C, T, H, W) for video and Wan-format image models) and its conditioning width. Most of these
+classes exist only in newer ComfyUI (0.33.0 here): a host without the class skips the test that
+asks for it, naming the class.
+"""
+import pytest
+
+from comfy_host import TINY_CONTEXT, patcher_of, setup_comfy
+
+_WAN = dict(image_model="wan2.1", dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=TINY_CONTEXT, freq_dim=32,
+            out_dim=16, patch_size=(1, 2, 2), window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6)
+_LUMINA = dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, cap_feat_dim=TINY_CONTEXT, n_layers=2,
+               n_refiner_layers=1, qk_norm=True, n_heads=2, axes_dims=[8, 12, 12], axes_lens=[64, 64, 64],
+               multiple_of=16)
+_FLUX = dict(vec_in_dim=None, context_in_dim=TINY_CONTEXT, hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1,
+             depth_single_blocks=1, patch_size=2)
+
+# family: (supported_models class, unet_config, latent shape of one row, name users know)
+NATIVE = {
+    "wan21_t2v": ("WAN21_T2V", dict(_WAN, model_type="t2v", in_dim=16), (16, 2, 8, 8)),
+    "wan21_i2v": ("WAN21_I2V", dict(_WAN, model_type="i2v", in_dim=36), (16, 2, 8, 8)),
+    "qwen_image": ("QwenImage", dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layers=2,
+                                     attention_head_dim=32, num_attention_heads=2, joint_attention_dim=TINY_CONTEXT,
+                                     axes_dims_rope=(8, 12, 12)), (16, 1, 8, 8)),
+    # Z-Image's time embedding is 256 wide whatever the width: dim 256 is its smallest
+    "zimage": ("ZImage", dict(_LUMINA, dim=256, axes_dims=[32, 48, 48], n_kv_heads=2, rope_theta=256.0,
+                              ffn_dim_multiplier=8 / 3, z_image_modulation=True, time_scale=1000.0), (16, 8, 8)),
+    "lumina2": ("Lumina2", dict(_LUMINA, n_kv_heads=1, rope_theta=10000.0, ffn_dim_multiplier=4.0), (16, 8, 8)),
+    "flux2": ("Flux2", dict(_FLUX, image_model="flux2", in_channels=128, out_channels=128, patch_size=1,
+                            axes_dim=[8, 8, 8, 8], theta=2000, guidance_embed=False, global_modulation=True, mlp_silu_act=True,
+                            qkv_bias=False, ops_bias=False, default_ref_method="index", ref_index_scale=10.0,
+                            txt_ids_dims=[3]), (128, 4, 4)),
+    "chroma": ("Chroma", dict(_FLUX, image_model="chroma", in_channels=64, out_channels=64, axes_dim=[8, 12, 12],
+                              theta=10000, qkv_bias=True, txt_ids_dims=[], in_dim=64, out_dim=64, hidden_dim=64,
+                              n_layers=2), (16, 8, 8)),
+}
+
+
+def native_model(family, seed=0, dtype=None):
+    """A CPU ModelPatcher of a tiny model of family in NATIVE (skips on a host without its class)."""
+    setup_comfy()
+    import comfy.supported_models
+    name, config, _ = NATIVE[family]
+    cls = getattr(comfy.supported_models, name, None)
+    if cls is None:
+        pytest.skip(f"this ComfyUI has no {name} model class")
+    return patcher_of(cls(dict(config)), seed, dtype)
+
+
+def latent_shape(family, rows=2):
+    return (rows, *NATIVE[family][2])
