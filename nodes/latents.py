@@ -1,0 +1,26 @@
+"""A LATENT as the router reads it: in the model's own latent space.
+
+The router reads the latent the network receives (APPLY_MODEL's x), which is in the model's space:
+the LATENT after its latent format's process_in (SD's scale, Flux's shift and scale, Wan's
+per-channel mean and std) and, for models with 5-D latents (Wan, Qwen-Image, Cosmos Predict2),
+with 4-D image latents given a frame axis as the sampler does (comfy.sample.fix_empty_latent_channels).
+Band energies are shares of the energy, so a scale does not change them, but a shift or a
+per-channel normalisation does: anything that shows or bakes the router's view of a latent reads it
+through model_space.
+"""
+from __future__ import annotations
+
+import comfy.sample
+import torch
+
+
+def with_frames(patcher, samples: torch.Tensor) -> torch.Tensor:
+    """The latent with the layout the model's sampler gives it (4-D image latents of a 5-D model unsqueezed)."""
+    return comfy.sample.fix_empty_latent_channels(patcher, samples)
+
+
+def model_space(patcher, samples: torch.Tensor) -> torch.Tensor:
+    """A LATENT's samples as the network (and so the router) sees them at the clean end of the schedule."""
+    if getattr(samples, "is_nested", False):
+        raise ValueError("a nested (multi-part) latent is read per part; give the video part")
+    return patcher.model.process_latent_in(with_frames(patcher, samples).float())
