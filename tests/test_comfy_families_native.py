@@ -93,7 +93,6 @@ def test_adapter_acts_strength_zero_is_the_base_and_experts_differ(family):
     routed = run(routing.apply_fera(patcher, adapter, 1.0), family)
     forced = [run(routing.apply_fera(patcher, adapter, 1.0, RoutingControls.forced(m, 3)), family) for m in (0, 1)]
     effect, apart = (routed - plain).abs().max(), (forced[0] - forced[1]).abs().max()
-    print(family, float(effect), float(apart))
     # float32 rounding is ~1e-6 here; measured on 0.33.0: effects of 0.024 (flux2) .. 20 (zimage)
     assert effect > 5e-3 and apart > 5e-3, (family, effect, apart)
 
@@ -135,8 +134,8 @@ def _train(patcher, adapter, lat, pos, **kw):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_lowers_the_loss_and_the_saved_file_reproduces_the_model(family, tmp_path):
-    """Loss on 8 fixed draws (a 1e-12 learning rate: weights do not move) falls by 3% or more after 30
-    steps (measured on 0.33.0: 5% .. 40%); the trained adapter, saved and loaded, gives the sample the
+    """Loss on 8 fixed draws (a 1e-12 learning rate: weights do not move) falls by 3% or more after 20
+    steps (measured on 0.33.0: 11% flux2, 30% wan21_t2v); the trained adapter, saved and loaded, gives the sample the
     trained MODEL gives."""
     with torch.inference_mode():
         patcher = native_model(family)
@@ -149,10 +148,28 @@ def test_training_lowers_the_loss_and_the_saved_file_reproduces_the_model(family
         return sum(fixed) / len(fixed)
 
     before, after = fixed_loss(start), fixed_loss(trained)
-    print(family, before, after)
     assert after < 0.97 * before, (family, before, after)
     path = save_adapter(trained, tmp_path / "a.safetensors")
     loaded = load_adapter(path)
     assert loaded.key_namespace == trained.key_namespace and set(loaded.layers) == set(trained.layers)
     want = run(routing.apply_fera(patcher, trained, 1.0), family)
     torch.testing.assert_close(run(routing.apply_fera(patcher, loaded, 1.0), family), want, rtol=0, atol=0)
+
+
+def test_a_layer_without_the_batch_on_axis_0_is_refused_by_name():
+    """A hook that sees 6 rows in a call routed for 2 latents (tokens flattened into rows, as HiDream's
+    MoE experts or Wan 2.2's per-token time embedding give) refuses; tiling the 2 mixes over the 6 rows,
+    what a multiple of the batch would otherwise get, would route them silently wrong."""
+    patcher = native_model("wan21_t2v")
+    adapter = adapter_for(patcher, "attention")
+    path = "blocks.0.self_attn.q"
+    fera = routing.routings_of(routing.apply_fera(patcher, adapter, 1.0))[0]
+    layer = patcher.model.diffusion_model.get_submodule(path)
+    hook = fera.hook(f"diffusion_model.{path}", [(path, None)])
+    fera.call = routing._Call({torch.float32: torch.ones(2, 12)}, {})
+    x = torch.randn(2, 5, layer.in_features)
+    assert hook(layer, (x,), layer(x)) is not None  # (B, L, C): routed
+    flat = x.reshape(10, -1)[:6]
+    with pytest.raises(routing.BatchAxisError, match=f"cannot route the layer diffusion_model.{path}: its input "
+                                                     "has 6 rows on axis 0 where the model call has 2 latents"):
+        hook(layer, (flat,), layer(flat))

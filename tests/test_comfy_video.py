@@ -1,0 +1,97 @@
+"""Video and 5-D latents in a real ComfyUI (COMFYUI_PATH): tiny Wan 2.1 and Qwen-Image models.
+
+The router reads a (B, C, T, H, W) latent per clip (one expert mix per row), in the model's own
+latent space (process_latent_in: Wan's per-channel normalisation); Latent Band Energy and the
+bake node's router mix, given the model, read a LATENT in that same space; 4-D image latents of a
+5-D model (Qwen-Image) are given their frame axis as ComfyUI's sampler does.
+"""
+import json
+
+import pytest
+import torch
+
+from comfy_host import pack_module, setup_comfy
+from comfy_native import latent_shape, native_model
+from test_comfy_families_native import adapter_for, conds, run
+
+setup_comfy()
+import comfy.model_management  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+
+from fera_core.indicator import band_energies  # noqa: E402
+from fera_core.trace import RoutingTrace  # noqa: E402
+
+routing = pack_module("nodes.routing")
+inspect_nodes = pack_module("nodes.inspect_nodes")
+
+
+def clips(family="wan21_t2v", rows=2):
+    """Clips whose channels have the offsets of a real Wan latent (the format's per-channel means)."""
+    gen = torch.Generator().manual_seed(3)
+    shape = latent_shape(family, rows)
+    mean = torch.as_tensor(native_model(family).model.latent_format.latents_mean).reshape(1, -1, 1, 1, 1)
+    return torch.randn(shape, generator=gen) * 0.5 + mean
+
+
+def routed_energies(patcher, adapter, latent):
+    """The band energies the router read at a one-step run with no noise (x = (1 - 1e-3) x0 in model space)."""
+    trace = RoutingTrace()
+    sampler = comfy.samplers.sampler_object("euler")
+    comfy.sample.sample_custom(routing.apply_fera(patcher, adapter, 1.0, trace=trace), torch.zeros_like(latent), 1.0,
+                               sampler, torch.tensor([1e-3, 0.0]), conds(1), conds(2), latent, disable_pbar=True, seed=0)
+    comfy.model_management.unload_all_models()
+    return torch.tensor([r["energies"] for r in trace.rows()])
+
+
+def test_probe_reads_the_latent_where_the_router_does():
+    """Given the model, Latent Band Energy reports what the router read; without it, the stored LATENT's
+    energies, which Wan's per-channel normalisation makes differ (measured: by 0.2 of a share)."""
+    patcher = native_model("wan21_t2v")
+    adapter = adapter_for(patcher)
+    latent = clips()
+    seen = routed_energies(patcher, adapter, latent)
+    text = inspect_nodes.FeRALatentBandEnergy.execute({"samples": latent}, 3, "partition", model=patcher).args[0]
+    probe = torch.tensor(json.loads(text)["rows"])
+    raw = band_energies(latent, 3, "partition")
+    torch.testing.assert_close(probe, seen, rtol=1e-4, atol=1e-5)
+    assert (raw - seen).abs().max() > 0.05
+
+
+def test_clips_are_routed_per_clip_over_all_their_frames():
+    """Each clip's row gets the energies of all its frames (the frames folded into channels): changing
+    one frame of clip 0 changes clip 0's routing only."""
+    patcher = native_model("wan21_t2v")
+    adapter = adapter_for(patcher)
+    latent = clips()
+    changed = latent.clone()
+    changed[0, :, 1] = torch.sign(changed[0, :, 1]) * 3  # a harsher last frame
+    before, after = routed_energies(patcher, adapter, latent), routed_energies(patcher, adapter, changed)
+    assert (before[0] - after[0]).abs().max() > 1e-3
+    torch.testing.assert_close(before[1], after[1], rtol=0, atol=1e-6)
+
+
+def test_image_latents_of_a_5d_model_are_probed_and_trained_as_the_sampler_gives_them():
+    """Qwen-Image takes Wan-format 5-D latents; its sampler nodes give a 4-D image LATENT a frame axis
+    (fix_empty_latent_channels): the probe and Train FeRA do the same."""
+    patcher = native_model("qwen_image")
+    adapter = adapter_for(patcher)
+    image = clips("qwen_image")[:, :, 0]  # (B, C, H, W)
+    seen = routed_energies(patcher, adapter, image[:, :, None])
+    text = inspect_nodes.FeRALatentBandEnergy.execute({"samples": image}, 3, "partition", model=patcher).args[0]
+    torch.testing.assert_close(torch.tensor(json.loads(text)["rows"]), seen, rtol=1e-4, atol=1e-5)
+    training = pack_module("nodes.train_loop")
+    with torch.inference_mode():
+        _, losses = training.train(patcher, adapter, image, conds(7), training.TrainSettings(steps=2, batch_size=2))
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("family", ["wan21_t2v", "wan21_i2v"])
+def test_an_adapter_moves_between_variants_whose_layers_match(family):
+    """A Wan 2.1 T2V adapter's layers all exist in I2V (which adds k_img/v_img): it applies there; the
+    family is the same, so continuing its training there is not refused."""
+    t2v = native_model("wan21_t2v")
+    adapter = adapter_for(t2v, "attention")
+    other = native_model(family)
+    assert pack_module("nodes.train_nodes").continued_adapter(other.model, adapter, 0.1) is not adapter
+    assert (run(routing.apply_fera(other, adapter, 1.0), family) - run(other, family)).abs().max() > 5e-3
