@@ -22,6 +22,7 @@ _FLUX = dict(vec_in_dim=None, context_in_dim=TINY_CONTEXT, hidden_size=64, mlp_r
 NATIVE = {
     "wan21_t2v": ("WAN21_T2V", dict(_WAN, model_type="t2v", in_dim=16), (16, 2, 8, 8)),
     "wan21_i2v": ("WAN21_I2V", dict(_WAN, model_type="i2v", in_dim=36), (16, 2, 8, 8)),
+    "wan22_5b": ("WAN22_T2V", dict(_WAN, model_type="t2v", in_dim=48, out_dim=48), (48, 2, 8, 8)),
     "qwen_image": ("QwenImage", dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layers=2,
                                      attention_head_dim=32, num_attention_heads=2, joint_attention_dim=TINY_CONTEXT,
                                      axes_dims_rope=(8, 12, 12)), (16, 1, 8, 8)),

@@ -1,6 +1,6 @@
 """FeRA on the families beyond SD1.5-Flux, on tiny models of ComfyUI's own classes (COMFYUI_PATH).
 
-Wan 2.1 T2V and I2V, Qwen-Image, Flux.2, Chroma, Z-Image and Lumina 2 (tests/comfy_native.py;
+Wan 2.1 T2V and I2V, Wan 2.2 5B, Qwen-Image, Flux.2, Chroma, Z-Image and Lumina 2 (tests/comfy_native.py;
 most exist only in ComfyUI 0.33.0, a host without the class skips). For each: Train FeRA's
 presets find layers by structure and name them (diffusers names where ComfyUI maps them all,
 else ComfyUI's own); the adapter acts; strength 0 is the base model bit for bit; forced experts
