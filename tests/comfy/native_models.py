@@ -7,8 +7,9 @@ classes exist only in newer ComfyUI (0.33.0 here): a host without the class skip
 asks for it, naming the class.
 """
 import pytest
+import torch
 
-from comfy_host import TINY_CONTEXT, patcher_of, setup_comfy
+from comfy_host import TINY_CONTEXT, pack_module, patcher_of, setup_comfy
 
 _WAN = dict(image_model="wan2.1", dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=TINY_CONTEXT, freq_dim=32,
             out_dim=16, patch_size=(1, 2, 2), window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6)
@@ -53,3 +54,38 @@ def native_model(family, seed=0, dtype=None):
 
 def latent_shape(family, rows=2):
     return (rows, *NATIVE[family][2])
+
+
+def adapter_for(patcher, preset="attention + feed-forward", seed=1, up_std=3.0):
+    """Train FeRA's fresh adapter on the preset's layers with random up weights and router, so it acts."""
+    new_adapter = pack_module("nodes.train_nodes").new_adapter
+    adapter = new_adapter(patcher.model, preset, 4, 2.0, 3, 3, 0.7, "partition", 0.1, seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for experts in adapter.layers.values():
+            experts.up.copy_(torch.randn(experts.up.shape, generator=gen) * up_std)
+        for p in adapter.router.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return adapter
+
+
+def conds(seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, 7, TINY_CONTEXT, generator=gen), {"pooled_output": torch.randn(1, TINY_CONTEXT,
+                                                                                            generator=gen)}]]
+
+
+def run(patcher, family):
+    """Two rows with different spectra (smooth and checkerboard), 2 euler steps at cfg 3."""
+    setup_comfy()
+    import comfy.model_management
+    import comfy.sample
+    shape = latent_shape(family)
+    gen = torch.Generator().manual_seed(4)
+    grid = torch.arange(shape[-1], dtype=torch.float32)
+    smooth = torch.sin(grid[:, None] / 4 + grid[None, :] / 5).expand(shape[1:])
+    checker = ((grid[:, None] + grid[None, :]) % 2 * 2 - 1).expand(shape[1:])
+    out = comfy.sample.sample(patcher, torch.randn(shape, generator=gen), 2, 3.0, "euler", "simple", conds(1),
+                              conds(2), torch.stack([smooth, checker]) * 2, denoise=0.8, seed=4, disable_pbar=True)
+    comfy.model_management.unload_all_models()
+    return out

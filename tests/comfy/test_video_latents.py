@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from comfy_host import pack_module, setup_comfy
-from comfy_native import latent_shape, native_model
-from test_comfy_families_native import adapter_for, conds, run
+from native_models import adapter_for, conds, latent_shape, native_model, run
 
 setup_comfy()
 import comfy.model_management  # noqa: E402

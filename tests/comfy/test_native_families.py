@@ -1,6 +1,6 @@
 """FeRA on the families beyond SD1.5-Flux, on tiny models of ComfyUI's own classes (COMFYUI_PATH).
 
-Wan 2.1 T2V and I2V, Wan 2.2 5B, Qwen-Image, Flux.2, Chroma, Z-Image and Lumina 2 (tests/comfy_native.py;
+Wan 2.1 T2V and I2V, Wan 2.2 5B, Qwen-Image, Flux.2, Chroma, Z-Image and Lumina 2 (native_models.py;
 most exist only in ComfyUI 0.33.0, a host without the class skips). For each: Train FeRA's
 presets find layers by structure and name them (diffusers names where ComfyUI maps them all,
 else ComfyUI's own); the adapter acts; strength 0 is the base model bit for bit; forced experts
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from comfy_host import TINY_CONTEXT, pack_module, setup_comfy
-from comfy_native import NATIVE, latent_shape, native_model
+from native_models import NATIVE, adapter_for, conds, latent_shape, native_model, run
 
 setup_comfy()
 import comfy.model_management  # noqa: E402
@@ -32,37 +32,6 @@ training = pack_module("nodes.train_loop")
 FAMILIES = sorted(NATIVE)
 # Where ComfyUI's diffusers map names every layer of the 'attention' preset (and tiles its fused q/k/v)
 DIFFUSERS_NAMED = {"zimage", "chroma", "flux2"}
-
-
-def adapter_for(patcher, preset="attention + feed-forward", seed=1, up_std=3.0):
-    """Train FeRA's fresh adapter on the preset's layers with random up weights and router, so it acts."""
-    adapter = train_nodes.new_adapter(patcher.model, preset, 4, 2.0, 3, 3, 0.7, "partition", 0.1, seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for experts in adapter.layers.values():
-            experts.up.copy_(torch.randn(experts.up.shape, generator=gen) * up_std)
-        for p in adapter.router.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return adapter
-
-
-def conds(seed):
-    gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, 7, TINY_CONTEXT, generator=gen), {"pooled_output": torch.randn(1, TINY_CONTEXT,
-                                                                                            generator=gen)}]]
-
-
-def run(patcher, family):
-    """Two rows with different spectra (smooth and checkerboard), 2 euler steps at cfg 3."""
-    shape = latent_shape(family)
-    gen = torch.Generator().manual_seed(4)
-    grid = torch.arange(shape[-1], dtype=torch.float32)
-    smooth = torch.sin(grid[:, None] / 4 + grid[None, :] / 5).expand(shape[1:])
-    checker = ((grid[:, None] + grid[None, :]) % 2 * 2 - 1).expand(shape[1:])
-    out = comfy.sample.sample(patcher, torch.randn(shape, generator=gen), 2, 3.0, "euler", "simple", conds(1),
-                              conds(2), torch.stack([smooth, checker]) * 2, denoise=0.8, seed=4, disable_pbar=True)
-    comfy.model_management.unload_all_models()
-    return out
 
 
 @pytest.mark.parametrize("family", FAMILIES)
