@@ -38,7 +38,31 @@ NATIVE = {
     "chroma": ("Chroma", dict(_FLUX, image_model="chroma", in_channels=64, out_channels=64, axes_dim=[8, 12, 12],
                               theta=10000, qkv_bias=True, txt_ids_dims=[], in_dim=64, out_dim=64, hidden_dim=64,
                               n_layers=2), (16, 8, 8)),
+    # HunyuanVideo 1.5 T2V: 32 latent channels + 32 image-condition channels + a mask, patch 1
+    "hunyuan_video15": ("HunyuanVideo15", dict(image_model="hunyuan_video", in_channels=65, out_channels=32,
+                                               patch_size=[1, 1, 1], vec_in_dim=None, axes_dim=[8, 12, 12],
+                                               meanflow=False, context_in_dim=TINY_CONTEXT, hidden_size=64,
+                                               mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, theta=256,
+                                               qkv_bias=True, byt5=False, guidance_embed=False,
+                                               use_cond_type_embedding=True, vision_in_dim=None, meanflow_sum=False),
+                        (32, 2, 8, 8)),
+    "ltxv": ("LTXV", dict(image_model="ltxv", in_channels=128, cross_attention_dim=64, attention_head_dim=32,
+                          num_attention_heads=2, caption_channels=TINY_CONTEXT, num_layers=2), (128, 2, 4, 4)),
+    # one llama layer per block (double + single); 4 routed MoE experts, 2 active, as the full model
+    "hidream": ("HiDream", dict(image_model="hidream", attention_head_dim=32, axes_dims_rope=[16, 8, 8],
+                                caption_channels=[TINY_CONTEXT, TINY_CONTEXT], max_resolution=[32, 32], in_channels=16,
+                                llama_layers=[0, 1], num_attention_heads=2, num_routed_experts=4,
+                                num_activated_experts=2, num_layers=1, num_single_layers=1, out_channels=16,
+                                patch_size=2, text_emb_dim=TINY_CONTEXT), (16, 8, 8)),
 }
+# Conditioning a family's text encoders give beside cross_attn and pooled_output (seeded generator -> value)
+EXTRA_CONDS = {
+    "ltxv": {"attention_mask": lambda gen: torch.ones(1, 7, dtype=torch.long)},  # its T5's token mask
+    "hidream": {"conditioning_llama3": lambda gen: torch.randn(1, 2, 7, TINY_CONTEXT, generator=gen)},  # 2 llama layers
+}
+# Families whose feed-forward layers take tokens flattened over the batch (HiDream's routed MoE experts):
+# the batch-axis guard refuses them, so their checks use the 'attention' preset
+PRESET = {"hidream": "attention"}
 
 
 def native_model(family, seed=0, dtype=None):
@@ -56,6 +80,10 @@ def latent_shape(family, rows=2):
     return (rows, *NATIVE[family][2])
 
 
+def preset_of(family):
+    return PRESET.get(family, "attention + feed-forward")
+
+
 def adapter_for(patcher, preset="attention + feed-forward", seed=1, up_std=3.0):
     """Train FeRA's fresh adapter on the preset's layers with random up weights and router, so it acts."""
     new_adapter = pack_module("nodes.train_nodes").new_adapter
@@ -69,10 +97,11 @@ def adapter_for(patcher, preset="attention + feed-forward", seed=1, up_std=3.0):
     return adapter
 
 
-def conds(seed):
+def conds(seed, family=None):
     gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, 7, TINY_CONTEXT, generator=gen), {"pooled_output": torch.randn(1, TINY_CONTEXT,
-                                                                                            generator=gen)}]]
+    context, pooled = torch.randn(1, 7, TINY_CONTEXT, generator=gen), torch.randn(1, TINY_CONTEXT, generator=gen)
+    extra = {key: make(gen) for key, make in EXTRA_CONDS.get(family, {}).items()}
+    return [[context, {"pooled_output": pooled, **extra}]]
 
 
 def run(patcher, family):
@@ -85,7 +114,26 @@ def run(patcher, family):
     grid = torch.arange(shape[-1], dtype=torch.float32)
     smooth = torch.sin(grid[:, None] / 4 + grid[None, :] / 5).expand(shape[1:])
     checker = ((grid[:, None] + grid[None, :]) % 2 * 2 - 1).expand(shape[1:])
-    out = comfy.sample.sample(patcher, torch.randn(shape, generator=gen), 2, 3.0, "euler", "simple", conds(1),
-                              conds(2), torch.stack([smooth, checker]) * 2, denoise=0.8, seed=4, disable_pbar=True)
+    out = comfy.sample.sample(patcher, torch.randn(shape, generator=gen), 2, 3.0, "euler", "simple", conds(1, family),
+                              conds(2, family), torch.stack([smooth, checker]) * 2, denoise=0.8, seed=4, disable_pbar=True)
     comfy.model_management.unload_all_models()
     return out
+
+
+def train(patcher, adapter, lat, pos, **settings):
+    """nodes.train_loop.train at the family checks' settings (20 steps of 3e-2, batch 2, checkpointed)."""
+    setup_comfy()
+    import comfy.model_management
+    training = pack_module("nodes.train_loop")
+    settings = training.TrainSettings(**dict(dict(steps=20, learning_rate=3e-2, batch_size=2, seed=0,
+                                                  gradient_checkpointing=True), **settings))
+    with torch.inference_mode():
+        out = training.train(patcher, adapter, lat, pos, settings)
+    comfy.model_management.unload_all_models()
+    return out
+
+
+def fixed_loss(patcher, adapter, lat, pos):
+    """The mean loss of 8 fixed draws at a 1e-12 learning rate (the weights do not move)."""
+    _, losses = train(patcher, adapter, lat, pos, steps=8, learning_rate=1e-12, seed=123)
+    return sum(losses) / len(losses)

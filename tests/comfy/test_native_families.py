@@ -1,19 +1,21 @@
 """FeRA on the families beyond SD1.5-Flux, on tiny models of ComfyUI's own classes (COMFYUI_PATH).
 
-Wan 2.1 T2V and I2V, Wan 2.2 5B, Qwen-Image, Flux.2, Chroma, Z-Image and Lumina 2 (native_models.py;
+Wan 2.1 T2V and I2V, Wan 2.2 5B, Qwen-Image, Flux.2, Chroma, Z-Image, Lumina 2, HunyuanVideo 1.5, LTX-Video
+and HiDream (native_models.py;
 most exist only in ComfyUI 0.33.0, a host without the class skips). For each: Train FeRA's
 presets find layers by structure and name them (diffusers names where ComfyUI maps them all,
 else ComfyUI's own); the adapter acts; strength 0 is the base model bit for bit; forced experts
 differ; training lowers the loss; save -> load -> apply reproduces the trained MODEL; and a
 fixed-mix bake, read by ComfyUI's own LoRA loader, equals Apply FeRA at that mix.
 """
+import dataclasses
 import logging
 
 import pytest
 import torch
 
 from comfy_host import TINY_CONTEXT, pack_module, setup_comfy
-from native_models import NATIVE, adapter_for, conds, latent_shape, native_model, run
+from native_models import NATIVE, adapter_for, conds, fixed_loss, latent_shape, native_model, preset_of, run, train
 
 setup_comfy()
 import comfy.model_management  # noqa: E402
@@ -22,12 +24,13 @@ import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 
 from fera_core import RoutingControls, load_adapter, save_adapter  # noqa: E402
+from fera_core.adapter_file import FeRAAdapter  # noqa: E402
+from fera_core.model import new_experts  # noqa: E402
 from fera_core.adapter_file import COMFY, DIFFUSERS  # noqa: E402
 from fera_core.bake.lora import bake_lora, router_mix, save_lora  # noqa: E402
 
 routing = pack_module("nodes.routing")
 train_nodes = pack_module("nodes.train_nodes")
-training = pack_module("nodes.train_loop")
 
 FAMILIES = sorted(NATIVE)
 # Where ComfyUI's diffusers map names every layer of the 'attention' preset (and tiles its fused q/k/v)
@@ -56,7 +59,7 @@ def test_presets_find_block_layers_by_structure(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_acts_strength_zero_is_the_base_and_experts_differ(family):
     patcher = native_model(family)
-    adapter = adapter_for(patcher)
+    adapter = adapter_for(patcher, preset_of(family))
     plain = run(patcher, family)
     assert torch.equal(run(routing.apply_fera(patcher, adapter, 0.0), family), plain)
     routed = run(routing.apply_fera(patcher, adapter, 1.0), family)
@@ -71,7 +74,7 @@ def test_fixed_mix_bake_through_comfyui_loader_equals_apply_fera(family, tmp_pat
     """Tolerance as in test_comfy_bake (merged weights vs. forward-time sum: float32 order); every key
     of the file is loaded (ComfyUI logs the ones it is not)."""
     patcher = native_model(family)
-    adapter = adapter_for(patcher)
+    adapter = adapter_for(patcher, preset_of(family))
     controls = RoutingControls(mix=[0.2, 0.5, 0.3])
     fera = run(routing.apply_fera(patcher, adapter, 0.7, controls), family)
     path = save_lora(*bake_lora(adapter, router_mix(adapter, controls=controls), 0.7), tmp_path / "b.safetensors")
@@ -89,16 +92,7 @@ def _data(family, n=2):
     shape = latent_shape(family, n)
     grid = torch.arange(shape[-1], dtype=torch.float32)
     lat = torch.stack([torch.sin(grid[:, None] / (3 + i) + grid[None, :] / 4).expand(shape[1:]) for i in range(n)])
-    return lat * 2, conds(7)
-
-
-def _train(patcher, adapter, lat, pos, **kw):
-    settings = training.TrainSettings(**dict(dict(steps=20, learning_rate=3e-2, batch_size=2, seed=0,
-                                                  gradient_checkpointing=True), **kw))
-    with torch.inference_mode():
-        out = training.train(patcher, adapter, lat, pos, settings)
-    comfy.model_management.unload_all_models()
-    return out
+    return lat * 2, conds(7, family)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -109,14 +103,9 @@ def test_training_lowers_the_loss_and_the_saved_file_reproduces_the_model(family
     with torch.inference_mode():
         patcher = native_model(family)
     lat, pos = _data(family)
-    start = train_nodes.new_adapter(patcher.model, "attention + feed-forward", 4, 4.0, 3, 3, 0.7, "partition", 0.1, 0)
-    trained, losses = _train(patcher, start, lat, pos)
-
-    def fixed_loss(adapter):
-        _, fixed = _train(patcher, adapter, lat, pos, steps=8, learning_rate=1e-12, seed=123)
-        return sum(fixed) / len(fixed)
-
-    before, after = fixed_loss(start), fixed_loss(trained)
+    start = train_nodes.new_adapter(patcher.model, preset_of(family), 4, 4.0, 3, 3, 0.7, "partition", 0.1, 0)
+    trained, _ = train(patcher, start, lat, pos)
+    before, after = fixed_loss(patcher, start, lat, pos), fixed_loss(patcher, trained, lat, pos)
     assert after < 0.97 * before, (family, before, after)
     path = save_adapter(trained, tmp_path / "a.safetensors")
     loaded = load_adapter(path)
@@ -142,3 +131,43 @@ def test_a_layer_without_the_batch_on_axis_0_is_refused_by_name():
     with pytest.raises(routing.BatchAxisError, match=f"cannot route the layer diffusion_model.{path}: its input "
                                                      "has 6 rows on axis 0 where the model call has 2 latents"):
         hook(layer, (flat,), layer(flat))
+
+
+def test_hidream_moe_experts_are_refused_by_the_batch_axis_guard():
+    """HiDream's routed MoE experts take the tokens its gate sends them, flattened over the batch: the
+    'attention + feed-forward' preset gives them experts, and sampling refuses, naming one (the per-family
+    checks above use the 'attention' preset, whose layers all see the batch on axis 0)."""
+    patcher = native_model("hidream")
+    adapter = adapter_for(patcher, "attention + feed-forward")
+    assert any(".experts." in path for path in adapter.layers)
+    with pytest.raises(routing.BatchAxisError, match=r"cannot route the layer diffusion_model\.\S+\.experts\.\d+\.\w+: "
+                                                     r"its input has \d+ rows on axis 0 where the model call has \d+ latents"):
+        run(routing.apply_fera(patcher, adapter, 1.0), "hidream")
+    comfy.model_management.unload_all_models()
+
+
+def test_ltxv_per_token_timesteps_are_refused_by_the_batch_axis_guard():
+    """LTX-Video embeds one timestep per token when a denoise mask gives tokens their own (image-to-video:
+    the first frame kept): adaln_single's Linear then sees rows x tokens rows, and an adapter on it is
+    refused by name; with one timestep per row it is routed. No preset picks it (not in the blocks)."""
+    patcher = native_model("ltxv")
+    path = "adaln_single.linear"
+    assert not any(p.startswith("adaln_single") for preset in train_nodes.PRESETS
+                   for p in train_nodes.preset_layers(patcher.model, preset)[1])
+    base = adapter_for(patcher, "attention")
+    config = dataclasses.replace(base.config, target_modules=[path])
+    layer = patcher.model.diffusion_model.get_submodule(path)
+    adapter = FeRAAdapter(config, {path: new_experts(layer, config)}, key_namespace=COMFY)
+    with torch.no_grad():
+        adapter.layers[path].up.normal_(0, 3.0, generator=torch.Generator().manual_seed(2))
+    assert (run(routing.apply_fera(patcher, adapter, 1.0), "ltxv") - run(patcher, "ltxv")).abs().max() > 5e-3
+    shape = latent_shape("ltxv")
+    mask = torch.ones(shape[0], 1, *shape[2:])
+    mask[:, :, 0] = 0
+    tokens = shape[0] * shape[2] * shape[3] * shape[4]
+    with pytest.raises(routing.BatchAxisError, match=f"cannot route the layer diffusion_model.{path}: its input has "
+                                                     f"{tokens} rows on axis 0 where the model call has {shape[0]}"):
+        comfy.sample.sample(routing.apply_fera(patcher, adapter, 1.0), torch.randn(shape), 2, 1.0, "euler", "simple",
+                            conds(1, "ltxv"), conds(2, "ltxv"), torch.zeros(shape), noise_mask=mask, seed=4,
+                            disable_pbar=True)
+    comfy.model_management.unload_all_models()
