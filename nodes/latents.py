@@ -11,7 +11,17 @@ through model_space.
 from __future__ import annotations
 
 import comfy.sample
+import comfy.utils
 import torch
+
+
+def video_stream(x: torch.Tensor, latent_shapes=None) -> torch.Tensor:
+    """What the router reads of a model call's latent: models that pack several streams into one
+    (B, 1, N) latent (LTX-2's video and audio; ComfyUI passes the parts' shapes as latent_shapes) are
+    routed on the first, the video, unpacked with ComfyUI's own comfy.utils.unpack_latents."""
+    if latent_shapes is not None and len(latent_shapes) > 1:
+        return comfy.utils.unpack_latents(x, latent_shapes)[0]
+    return x
 
 
 def with_frames(patcher, samples: torch.Tensor) -> torch.Tensor:

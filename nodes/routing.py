@@ -30,6 +30,7 @@ from ..fera_core.model import check_fits
 from ..fera_core.plot import title_of
 from ..fera_core.router import RoutingControls
 from ..fera_core.trace import RoutingTrace
+from .latents import video_stream
 from .module_paths import layer_names, model_family
 from .tracing import RUNS_KEY, RunLog, TracedRun, requested
 
@@ -197,7 +198,7 @@ class FeRARouting:
         cfg = self.adapter.config
         run = options.get(RUNS_KEY, {}).get(self.key) or _Run(self._window(executor.class_obj.model_sampling))
         router, controls = self._router_on(run, x.device)
-        energies = band_energies(x, cfg.num_bands, cfg.indicator)
+        energies = band_energies(video_stream(x, kwargs.get("latent_shapes")), cfg.num_bands, cfg.indicator)
         weights = router(energies, controls)
         if run.window is not None:
             hi, lo = run.window
