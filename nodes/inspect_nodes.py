@@ -16,7 +16,7 @@ from ..fera_core.atomic import atomic_write_text
 from ..fera_core.indicator import DEFINITIONS, REFERENCE, band_energies
 from ..fera_core.plot import X_LABELS, plot_band_energies, plot_routing
 from ..fera_core.trace import RoutingTrace
-from .latents import model_space
+from .latents import model_space, video_part
 from .model_folder import free_stem
 from .routing import routings_of
 from .sockets import CATEGORY, FeRATraceType, model_space_input
@@ -164,9 +164,7 @@ class FeRALatentBandEnergy(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, num_bands: int, indicator: str, model=None) -> io.NodeOutput:
-        samples = latent["samples"]
-        if getattr(samples, "is_nested", False):
-            raise ValueError("Latent Band Energy reads one latent per batch, not a nested (multi-part) latent")
+        samples = video_part(latent["samples"])
         if model is not None:
             samples = model_space(model, samples)
         energies = band_energies(samples, num_bands, indicator).cpu()

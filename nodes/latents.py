@@ -24,6 +24,12 @@ def video_stream(x: torch.Tensor, latent_shapes=None) -> torch.Tensor:
     return x
 
 
+def video_part(samples: torch.Tensor) -> torch.Tensor:
+    """A LATENT's samples as the router reads them: of a nested (multi-part) latent, the first part, the
+    video (LTX-2's video and audio; see video_stream)."""
+    return samples.unbind()[0] if getattr(samples, "is_nested", False) else samples
+
+
 def with_frames(patcher, samples: torch.Tensor) -> torch.Tensor:
     """The latent with the layout the model's sampler gives it (4-D image latents of a 5-D model unsqueezed)."""
     return comfy.sample.fix_empty_latent_channels(patcher, samples)
@@ -31,6 +37,4 @@ def with_frames(patcher, samples: torch.Tensor) -> torch.Tensor:
 
 def model_space(patcher, samples: torch.Tensor) -> torch.Tensor:
     """A LATENT's samples as the network (and so the router) sees them at the clean end of the schedule."""
-    if getattr(samples, "is_nested", False):
-        raise ValueError("a nested (multi-part) latent is read per part; give the video part")
-    return patcher.model.process_latent_in(with_frames(patcher, samples).float())
+    return patcher.model.process_latent_in(with_frames(patcher, video_part(samples)).float())

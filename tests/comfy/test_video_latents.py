@@ -142,15 +142,16 @@ def ltx2_model():
 def test_packed_audio_video_latents_are_routed_on_the_video_stream():
     """LTX-2's sampler packs the nested (video, audio) latent into one (B, 1, N) tensor; the router unpacks
     it with ComfyUI's helper and reads the video clip: the energies it records are the video part's (in
-    model space at sigma ~ 0), a harsher audio stream leaves them as they were; the adapter acts on both
-    streams' layers and strength 0 is the base model bit for bit."""
+    model space at sigma ~ 0), a harsher audio stream leaves them as they were, and Latent Band Energy given
+    the model reads the nested LATENT's video part alike; the adapter acts on both streams' layers and
+    strength 0 is the base model bit for bit."""
     patcher = ltx2_model()
     import comfy.nested_tensor  # 0.33 on
     adapter = adapter_for(patcher, "attention")
     gen = torch.Generator().manual_seed(5)
     video, audio = torch.randn(2, 128, 2, 4, 4, generator=gen), torch.randn(2, 8, 5, 16, generator=gen)
 
-    def sample(model, audio, sigmas=(1e-3, 0.0), trace=None):
+    def sample(model, audio, sigmas=(1e-3, 0.0)):
         cond = [[torch.randn(1, 7, 2 * TINY_CONTEXT, generator=torch.Generator().manual_seed(1)),
                  {"attention_mask": torch.ones(1, 7, dtype=torch.long)}]]
         latent = comfy.nested_tensor.NestedTensor([video, audio])
@@ -169,6 +170,9 @@ def test_packed_audio_video_latents_are_routed_on_the_video_stream():
     seen = routed(audio)
     torch.testing.assert_close(seen, want.repeat(len(seen) // 2, 1), rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(routed(torch.sign(audio) * 3), seen, rtol=0, atol=1e-6)
+    nested = {"samples": comfy.nested_tensor.NestedTensor([video, audio])}  # the LATENT the sampler gives
+    text = inspect_nodes.FeRALatentBandEnergy.execute(nested, 3, "partition", model=patcher).args[0]
+    torch.testing.assert_close(torch.tensor(json.loads(text)["rows"]), want, rtol=1e-4, atol=1e-5)
     plain = sample(patcher, audio, (1.0, 0.5, 0.0))
     assert torch.equal(sample(routing.apply_fera(patcher, adapter, 0.0), audio, (1.0, 0.5, 0.0)), plain)
     assert (sample(routing.apply_fera(patcher, adapter, 1.0), audio, (1.0, 0.5, 0.0)) - plain).abs().max() > 5e-3
