@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .adapter_file import FORMAT_VERSION, FeRAAdapter, load_adapter, save_adapter
+from .adapter_file import COMFY, FORMAT_VERSION, FeRAAdapter, load_adapter, save_adapter
 from .cli import guarded, refuse_existing
 
 
@@ -40,7 +40,7 @@ def summary(path: Path, adapter: FeRAAdapter, with_layers: bool) -> dict:
     layers = adapter.layers
     info = {"file": str(path),
             "format": f"fera-safetensors-v{FORMAT_VERSION}" if path.suffix == ".safetensors" else "reference-pt",
-            "config": adapter.config.to_dict(), "scale": adapter.config.scale,
+            "config": adapter.config.to_dict(), "scale": adapter.config.scale, "key_namespace": adapter.key_namespace,
             "adapted_layers": len(layers), "parameters": adapter.num_parameters()}
     if with_layers:
         info["layers"] = {p: _layer_entry(e) for p, e in layers.items()}
@@ -63,7 +63,7 @@ def render(info: dict, given: dict) -> str:
         ("  format          reference .pt (tensors only, read without unpickling)" if reference
          else f"  format          FeRA .safetensors, format version {FORMAT_VERSION}"),
         f"  base model      {c['base_model']}",
-        f"  adapted layers  {info['adapted_layers']}",
+        f"  adapted layers  {info['adapted_layers']}" + (" (ComfyUI module names)" if info["key_namespace"] == COMFY else ""),
         f"  experts         {c['num_experts']} per layer, rank {c['rank']}",
         f"  alpha / scale   {c['alpha']} / {info['scale']}{note('alpha', '--alpha')}",
         f"  parameters      {info['parameters']:,}",

@@ -3,12 +3,17 @@
 File format (version 1): safetensors. Tensor keys are the reference's, so files interchange
 with the reference trainer:
     router.net.0.weight, router.net.0.bias, router.net.2.weight, router.net.2.bias
-    base_model.<diffusers module path>.experts.<m>.lora_down.weight   (r, in) or (r, in, kh, kw)
-    base_model.<diffusers module path>.experts.<m>.lora_up.weight     (out, r) or (out, r, 1, 1)
-Metadata (strings): "fera.format_version" = "1", "fera.key_namespace" = "diffusers",
+    base_model.<module path>.experts.<m>.lora_down.weight   (r, in) or (r, in, kh, kw)
+    base_model.<module path>.experts.<m>.lora_up.weight     (out, r) or (out, r, 1, 1)
+Metadata (strings): "fera.format_version" = "1", "fera.key_namespace" = "diffusers" or "comfy",
 "fera.config" = FeRAConfig as JSON (rank, alpha, experts, bands, tau, indicator,
 target modules, matching rule, base model family); optional "fera.training" = the training
 settings as JSON. Readers ignore metadata keys they do not know.
+
+The key namespace says whose module paths name the layers: "diffusers" (diffusers' module
+paths, the reference's and every file before ComfyUI-native training; the default when the key
+is absent) or "comfy" (ComfyUI's own paths below `diffusion_model.`, e.g. `blocks.0.self_attn.q`
+for Wan, for the families diffusers names no layers of). The file layout is the same for both.
 
 Reference files (torch.save pickles) are read with torch.load(weights_only=True), which
 refuses anything but tensors and plain containers. They carry no alpha or tau: the caller
@@ -33,7 +38,8 @@ from .indicator import REFERENCE
 from .router import SoftFrequencyRouter
 
 FORMAT_VERSION = "1"
-KEY_NAMESPACE = "diffusers"
+DIFFUSERS, COMFY = "diffusers", "comfy"
+KEY_NAMESPACES = (DIFFUSERS, COMFY)
 _EXPERT_KEY = re.compile(r"^base_model\.(?P<path>.+)\.experts\.(?P<m>\d+)\.lora_(?P<kind>down|up)\.weight$")
 _ROUTER_SHAPES = ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -47,8 +53,9 @@ class AdapterFileError(ValueError):
 
 
 class FeRAAdapter(nn.Module):
-    """A router and the routed experts of every adapted layer, keyed by diffusers module path.
+    """A router and the routed experts of every adapted layer, keyed by module path.
 
+    key_namespace: whose module paths the layer keys are (DIFFUSERS or COMFY, see the module doc).
     name: what traces and plots call the adapter (its file name when loaded from a file).
     training_settings: how it was trained (a trainer's settings, JSON-serialisable), saved as the
     optional "fera.training" metadata; None when unknown. (Not `training`: that is nn.Module's
@@ -56,9 +63,11 @@ class FeRAAdapter(nn.Module):
     """
 
     def __init__(self, config: FeRAConfig, layers: dict[str, RoutedExperts], name: str | None = None,
-                 training_settings: dict | None = None):
+                 training_settings: dict | None = None, key_namespace: str = DIFFUSERS):
         super().__init__()
-        self.name, self.training_settings = name, training_settings
+        if key_namespace not in KEY_NAMESPACES:
+            raise ValueError(f"unknown key namespace {key_namespace!r}; expected one of {KEY_NAMESPACES}")
+        self.name, self.training_settings, self.key_namespace = name, training_settings, key_namespace
         self.config = config.validate()
         self.router = SoftFrequencyRouter(config.num_bands, config.num_experts, config.router_tau, config.router_hidden)
         # ModuleDict names may not contain dots; module paths do.
@@ -81,7 +90,8 @@ class FeRAAdapter(nn.Module):
         return sd
 
     @classmethod
-    def from_state_dict(cls, sd: dict, config: FeRAConfig, source="state dict") -> "FeRAAdapter":
+    def from_state_dict(cls, sd: dict, config: FeRAConfig, source="state dict",
+                        key_namespace: str = DIFFUSERS) -> "FeRAAdapter":
         """Build an adapter from reference-named tensors, refusing anything malformed."""
         _check_tensors(sd, source)
         router = {k[len("router."):]: v for k, v in sd.items() if k.startswith("router.")}
@@ -104,7 +114,7 @@ class FeRAAdapter(nn.Module):
             raise AdapterFileError(source, "no expert weights (no 'base_model.<path>.experts.<m>.lora_down.weight' keys)")
         _check_router(router, config, source)
         layers = {path: _build_experts(path, by_expert, config, source) for path, by_expert in sorted(pairs.items())}
-        adapter = cls(config, layers)
+        adapter = cls(config, layers, key_namespace=key_namespace)
         adapter.router.load_state_dict(router)
         adapter.router.to(router["net.0.weight"].dtype)
         return adapter
@@ -162,15 +172,17 @@ def _build_experts(path: str, by_expert: dict, config: FeRAConfig, source) -> Ro
     return experts
 
 
-def _metadata_config(meta: dict | None, source) -> FeRAConfig:
+def _metadata_config(meta: dict | None, source) -> tuple[FeRAConfig, str]:
+    """(config, key namespace) of a file's metadata."""
     meta = meta or {}
     if meta.get("fera.format_version") != FORMAT_VERSION:
         raise AdapterFileError(source, f"not a FeRA adapter of format version {FORMAT_VERSION} "
                                        f"(fera.format_version = {meta.get('fera.format_version')!r})")
-    if meta.get("fera.key_namespace", KEY_NAMESPACE) != KEY_NAMESPACE:
-        raise AdapterFileError(source, f"unsupported key namespace {meta['fera.key_namespace']!r}")
+    namespace = meta.get("fera.key_namespace", DIFFUSERS)
+    if namespace not in KEY_NAMESPACES:
+        raise AdapterFileError(source, f"unsupported key namespace {namespace!r}")
     try:
-        return FeRAConfig.from_dict(json.loads(meta["fera.config"]))
+        return FeRAConfig.from_dict(json.loads(meta["fera.config"])), namespace
     except (KeyError, TypeError, ValueError) as err:
         raise AdapterFileError(source, f"invalid fera.config metadata: {err}") from None
 
@@ -230,7 +242,7 @@ def load_adapter(path, alpha: float | None = None, tau: float | None = None,
             sd = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
             raise AdapterFileError(path, f"unreadable safetensors file ({err})") from None
-        config = _metadata_config(meta, path)
+        config, namespace = _metadata_config(meta, path)
         training = _metadata_training(meta)
     elif path.suffix in (".pt", ".pth", ".bin"):
         try:
@@ -239,10 +251,10 @@ def load_adapter(path, alpha: float | None = None, tau: float | None = None,
             raise AdapterFileError(path, f"not a plain tensor file, refused without unpickling ({type(err).__name__}: "
                                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
         config = _reference_config(sd, path, alpha, tau, base_model)
-        training = None
+        training, namespace = None, DIFFUSERS
     else:
         raise AdapterFileError(path, "unsupported extension; expected .safetensors, .pt, .pth or .bin")
-    adapter = FeRAAdapter.from_state_dict(sd, config, source=path)
+    adapter = FeRAAdapter.from_state_dict(sd, config, source=path, key_namespace=namespace)
     adapter.name, adapter.training_settings = name or path.name, training
     return adapter
 
@@ -252,7 +264,7 @@ def save_adapter(adapter: FeRAAdapter, path) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: adapters are saved as .safetensors")
-    meta = {"fera.format_version": FORMAT_VERSION, "fera.key_namespace": KEY_NAMESPACE,
+    meta = {"fera.format_version": FORMAT_VERSION, "fera.key_namespace": adapter.key_namespace,
             "fera.config": json.dumps(adapter.config.to_dict(), sort_keys=True)}
     if adapter.training_settings:
         meta["fera.training"] = json.dumps(adapter.training_settings, sort_keys=True)

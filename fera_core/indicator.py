@@ -17,7 +17,10 @@ something with the indicator it was trained on:
 Both are computed as small matrix products (a 2-D Gaussian or DCT is separable), in
 float32 on the input's device, with no host-device synchronisation. Video latents
 (B, C, T, H, W) are read per clip: the frames are folded into channels, because the
-router gives one expert mix per batch row and a row is a whole clip.
+router gives one expert mix per batch row and a row is a whole clip. Temporal frequency is not
+measured: the bands are spatial, as in the method, so one definition serves images, single-frame
+latents of Wan-format image models (T = 1, no temporal spectrum) and clips of any length, and a
+clip's energies are those of its frames pooled (coarse layout vs. fine texture over the steps).
 """
 from __future__ import annotations
 

@@ -14,8 +14,10 @@ from ..fera_core.bake.mix import ROWS, resolve_mix, trace_rows
 from ..fera_core.bake.schedule import expert_loras, schedule, to_json, trace_steps
 from ..fera_core.bake.workflow import hook_workflow
 from ..fera_core.router import parse_numbers
+from .latents import model_space
 from .model_folder import free_stem
-from .sockets import CATEGORY, FeRAAdapterType, FeRATraceType, percent_inputs, strength_input, temperature_input
+from .sockets import (CATEGORY, FeRAAdapterType, FeRATraceType, model_space_input, percent_inputs, strength_input,
+                      temperature_input)
 
 SOURCES = ("mix", "expert", "router (latent)", "trace window")
 _STRENGTH = "Apply FeRA's strength, folded into the LoRA (load it at strength 1 to match)."
@@ -56,6 +58,7 @@ class BakeFeRAToLoRA(io.ComfyNode):
                              tooltip="The expert for mix_source 'expert'."),
                 io.Latent.Input("latent", optional=True,
                                 tooltip="Latent whose band energies the router reads, for 'router (latent)'."),
+                model_space_input(),
                 FeRATraceType.Input("trace", optional=True, tooltip="Routing trace, for 'trace window'."),
                 *percent_inputs("Start of the trace window (fraction of the schedule).",
                                 "End of the trace window (fraction of the schedule)."),
@@ -68,10 +71,12 @@ class BakeFeRAToLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, fera_adapter, mix_source: str, filename_prefix: str, strength: float, mix: str = "1, 1, 1",
                 expert: int = 0, latent=None, trace=None, start_percent: float = 0.0, end_percent: float = 1.0,
-                rows: str = "all", temperature: float = 0.0) -> io.NodeOutput:
+                rows: str = "all", temperature: float = 0.0, model=None) -> io.NodeOutput:
+        def router_latent():
+            samples = _connected(latent, "latent", mix_source)["samples"]
+            return samples if model is None else model_space(model, samples)
         sources = {"mix": lambda: dict(mix=parse_numbers(mix, "mix")), "expert": lambda: dict(expert=expert),
-                   "router (latent)": lambda: dict(latent=_connected(latent, "latent", mix_source)["samples"],
-                                                   temperature=temperature),
+                   "router (latent)": lambda: dict(latent=router_latent(), temperature=temperature),
                    "trace window": lambda: dict(trace=_connected(trace, "trace", mix_source),
                                                 window=(start_percent, end_percent), rows=rows)}
         if mix_source not in sources:

@@ -16,9 +16,10 @@ from ..fera_core.atomic import atomic_write_text
 from ..fera_core.indicator import DEFINITIONS, REFERENCE, band_energies
 from ..fera_core.plot import X_LABELS, plot_band_energies, plot_routing
 from ..fera_core.trace import RoutingTrace
+from .latents import model_space, video_part
 from .model_folder import free_stem
 from .routing import routings_of
-from .sockets import CATEGORY, FeRATraceType
+from .sockets import CATEGORY, FeRATraceType, model_space_input
 from .tracing import TRACE_NODE, chart_head
 
 
@@ -152,6 +153,7 @@ class FeRALatentBandEnergy(io.ComfyNode):
                                tooltip="reference: the authors' difference-of-Gaussians bands (finest band dropped, "
                                        "what reference adapters were trained with); partition: DCT bands that sum "
                                        "to the latent's energy."),
+                model_space_input(),
             ],
             outputs=[
                 io.String.Output(display_name="energies", tooltip="JSON: indicator, num_bands and one list of band "
@@ -161,10 +163,10 @@ class FeRALatentBandEnergy(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, latent, num_bands: int, indicator: str) -> io.NodeOutput:
-        samples = latent["samples"]
-        if getattr(samples, "is_nested", False):
-            raise ValueError("Latent Band Energy reads one latent per batch, not a nested (multi-part) latent")
+    def execute(cls, latent, num_bands: int, indicator: str, model=None) -> io.NodeOutput:
+        samples = video_part(latent["samples"])
+        if model is not None:
+            samples = model_space(model, samples)
         energies = band_energies(samples, num_bands, indicator).cpu()
         text = json.dumps({"indicator": indicator, "num_bands": num_bands, "rows": energies.tolist()})
         chart = plot_band_energies(energies.numpy(), title=f"band energies ({indicator}, {num_bands} bands)")

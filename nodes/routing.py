@@ -30,7 +30,8 @@ from ..fera_core.model import check_fits
 from ..fera_core.plot import title_of
 from ..fera_core.router import RoutingControls
 from ..fera_core.trace import RoutingTrace
-from .module_paths import diffusers_to_comfy, model_family
+from .latents import video_stream
+from .module_paths import layer_names, model_family
 from .tracing import RUNS_KEY, RunLog, TracedRun, requested
 
 WRAPPER_KEY = "fera"
@@ -41,9 +42,13 @@ class AdapterMismatchError(ValueError):
     """The adapter's layers do not all exist, with matching shapes, in the model."""
 
 
+class BatchAxisError(ValueError):
+    """An adapted layer's input does not have the model call's latent rows on axis 0."""
+
+
 def match_layers(model, adapter: FeRAAdapter) -> dict[str, list[tuple[str, tuple[int, int] | None]]]:
     """{ComfyUI module path: [(adapter layer path, output slice), ...]}; refuses any partial fit."""
-    names = diffusers_to_comfy(model)
+    names = layer_names(model, adapter.key_namespace)
     targets: dict[str, list] = {}
     unmatched, misfit = [], []
     for path, experts in adapter.layers.items():
@@ -193,7 +198,7 @@ class FeRARouting:
         cfg = self.adapter.config
         run = options.get(RUNS_KEY, {}).get(self.key) or _Run(self._window(executor.class_obj.model_sampling))
         router, controls = self._router_on(run, x.device)
-        energies = band_energies(x, cfg.num_bands, cfg.indicator)
+        energies = band_energies(video_stream(x, kwargs.get("latent_shapes")), cfg.num_bands, cfg.indicator)
         weights = router(energies, controls)
         if run.window is not None:
             hi, lo = run.window
@@ -211,13 +216,23 @@ class FeRARouting:
             if not self.live:
                 self.call = None
 
-    def hook(self, entries: list[tuple[str, tuple[int, int] | None]]):
-        """Forward hook for one ComfyUI layer carrying the experts of `entries`."""
+    def hook(self, comfy_path: str, entries: list[tuple[str, tuple[int, int] | None]]):
+        """Forward hook for one ComfyUI layer carrying the experts of `entries`.
+
+        Rows are routed by their latent, so the layer's input must have the call's latent rows on
+        axis 0; a layer that sees any other leading size (tokens flattened into rows, per-token
+        timesteps, a (T, H, W, B, D) layout) is refused, never routed by tiling."""
         def fera_forward_hook(layer, args, out):
             call = self.call
             if call is None:
                 return None
             x = args[0]
+            rows = next(iter(call.gains.values())).shape[0]
+            if x.shape[0] != rows:
+                raise BatchAxisError(
+                    f"FeRA cannot route the layer {comfy_path}: its input has {x.shape[0]} rows on axis 0 where "
+                    f"the model call has {rows} latents (the batch is not on its first axis, e.g. flattened "
+                    "tokens or per-token timesteps). Use an adapter without this layer (another layer preset).")
             gains = call.gains.get(x.dtype)
             if gains is None:  # cast once per call for all layers, not in every layer
                 gains = call.gains[x.dtype] = next(iter(call.gains.values())).to(x.dtype)
@@ -247,7 +262,7 @@ def apply_fera(patcher, adapter: FeRAAdapter, strength: float, controls: Routing
     for comfy_path, entries in targets.items():
         path = f"{comfy_path}._forward_hooks"
         hooks = OrderedDict(clone.get_model_object(path))
-        hooks[routing.key] = routing.hook(entries)
+        hooks[routing.key] = routing.hook(comfy_path, entries)
         clone.add_object_patch(path, hooks)
     return clone
 

@@ -28,3 +28,10 @@ def percent_inputs(start: str, end: str) -> list:
 
 def temperature_input(tooltip: str):
     return io.Float.Input("temperature", default=0.0, min=0.0, max=100.0, step=0.01, optional=True, tooltip=tooltip)
+
+
+def model_space_input():
+    return io.Model.Input("model", optional=True,
+                          tooltip="The model the adapter runs on: the latent is then read in that model's latent "
+                                  "space, as the router reads it (Wan's per-channel normalisation, Flux's shift). "
+                                  "Unconnected: the LATENT as stored.")

@@ -27,6 +27,7 @@ from comfy_extras.nodes_custom_sampler import Guider_Basic
 
 from ..fera_core.adapter_file import FeRAAdapter
 from ..fera_core.training import training_step
+from .latents import with_frames
 from .objective import ComfyObjective
 from .routing import apply_fera
 
@@ -224,6 +225,8 @@ def train(patcher, adapter: FeRAAdapter, latents: torch.Tensor, positive: list, 
     `patcher` is left untouched; the adapter is attached to a clone for the session.
     """
     settings.check()
+    latents = with_frames(patcher, latents)  # Qwen-Image's 4-D image latents get the frame axis its sampler gives them
+    retention = None if retention is None else with_frames(patcher, retention)
     n = latents.shape[0]
     if len(positive) == 1:
         cond_of_row = [0] * n

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 
 import comfy.utils
 import torch
@@ -16,40 +17,58 @@ from ..fera_core.adapter_file import FeRAAdapter, save_adapter
 from ..fera_core.config import FeRAConfig
 from ..fera_core.families import compatible, display_name
 from ..fera_core.indicator import DEFINITIONS, PARTITION
-from ..fera_core.model import matches_full_name, new_experts
+from ..fera_core.model import new_experts
 from .model_folder import FOLDER, free_stem
-from .module_paths import diffusers_to_comfy, model_family
+from .module_paths import block_linears, model_family, name_layers
 from .routing import apply_fera
 from .sockets import CATEGORY, FeRAAdapterType
 from .train_loop import TrainSettings, train
 
-_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp")
-PRESETS = {"attention": _ATTENTION, "attention + feed-forward": _ATTENTION + _FEED_FORWARD}
+
+
+def _words(path: str) -> set[str]:
+    """The words of a module path's parts: 'blocks.0.self_attn.q' -> {'blocks', '0', 'self', 'attn', 'q'}."""
+    return set(re.split(r"[._]", path.lower()))
+
+
+def _attention(path: str) -> bool:
+    """A projection of an attention module, by ComfyUI's own names (attn, attn1, self_attn, img_attn,
+    attention, ...): q/k/v (fused or not), output, and added-context projections."""
+    return any(w.startswith("attn") or w == "attention" for w in _words(path))
+
+
+def _feed_forward(path: str) -> bool:
+    """A layer of a feed-forward module (ff, ffn, mlp, img_mlp, feed_forward, ...)."""
+    return any(w in ("ff", "ffn", "feed") or w.startswith("mlp") for w in _words(path))
+
+
+# Which Linear layers of the model's repeated blocks (module_paths.block_linears) get experts.
+PRESETS = {"attention": _attention,
+           "attention + feed-forward": lambda path: _attention(path) or _feed_forward(path),
+           "all linear layers of the blocks": lambda path: True}
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def preset_layers(model, preset: str) -> dict[str, tuple[nn.Module, int | None]]:
-    """{diffusers module path: (the model's Linear, output slice size or None)} of the preset's layers."""
-    layers = {}
-    for path, (comfy_path, rows) in diffusers_to_comfy(model).items():
-        layer = model.get_submodule(comfy_path)
-        if matches_full_name(path, PRESETS[preset]) and isinstance(layer, nn.Linear):
-            layers[path] = (layer, rows[1] if rows else None)
+def preset_layers(model, preset: str) -> tuple[str, dict[str, tuple[nn.Module, int | None]]]:
+    """(key namespace, {adapter layer path: (the model's Linear, output slice size or None)}) of the
+    preset's layers, found by structure and ComfyUI's module names (no table per family)."""
+    layers = {path: layer for path, layer in block_linears(model).items() if PRESETS[preset](path)}
     if not layers:
         raise ValueError(f"the '{preset}' preset finds no layers in this {model_family(model).name} model")
-    return layers
+    return name_layers(model, layers)
 
 
 def new_adapter(model, preset: str, rank: int, alpha: float, experts: int, bands: int, tau: float,
                 indicator: str, fecl_weight: float, seed: int) -> FeRAAdapter:
+    """A fresh adapter on the preset's layers; the resolved layer paths are its target_modules."""
+    namespace, found = preset_layers(model, preset)
     config = FeRAConfig(rank=rank, alpha=alpha, num_bands=bands, num_experts=experts, router_tau=tau,
-                        target_modules=list(PRESETS[preset]), fecl_weight=fecl_weight, indicator=indicator,
+                        target_modules=list(found), fecl_weight=fecl_weight, indicator=indicator,
                         match_full_name=True, base_model=model_family(model).id).validate()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        layers = {p: new_experts(layer, config, rows) for p, (layer, rows) in preset_layers(model, preset).items()}
-        return FeRAAdapter(config, layers)
+        layers = {p: new_experts(layer, config, rows) for p, (layer, rows) in found.items()}
+        return FeRAAdapter(config, layers, key_namespace=namespace)
 
 
 def continued_adapter(model, adapter: FeRAAdapter, fecl_weight: float) -> FeRAAdapter:

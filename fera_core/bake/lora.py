@@ -10,7 +10,10 @@ diffusers' load_lora_weights map without leftovers, checked for SD1.5, SD2, SDXL
 - UNet families: kohya names, `lora_unet_<diffusers path, dots as _>.lora_{down,up}.weight`
   (ComfyUI maps `unet.<path>` only for non-attention layers, diffusers has no other common form);
 - transformer families (SD3, Flux): `transformer.<diffusers path>.lora_{A,B}.weight`, which
-  ComfyUI maps onto its fused q/k/v layers as row slices.
+  ComfyUI maps onto its fused q/k/v layers as row slices;
+- adapters named by ComfyUI module path (key namespace "comfy"): ComfyUI's own
+  `diffusion_model.<path>.lora_{down,up}.weight`, which its loader maps for every model it loads
+  (what its own trainer writes).
 What was baked (adapter config, mix, where the mix came from) is in the `fera.baked` metadata.
 """
 from __future__ import annotations
@@ -24,23 +27,27 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..adapter_file import AdapterFileError, FeRAAdapter, _check_tensors
+from ..adapter_file import COMFY, AdapterFileError, FeRAAdapter, _check_tensors
 from ..atomic import atomic_write
 from ..indicator import band_energies
 from ..router import RoutingControls
 
 BAKED_META = "fera.baked"
 BAKE_VERSION = 1
-KOHYA, TRANSFORMER = "kohya_unet", "diffusers_transformer"
+KOHYA, TRANSFORMER, NATIVE = "kohya_unet", "diffusers_transformer", "comfy_native"
 # First component of a diffusers UNet2DConditionModel module path.
 UNET_ROOTS = frozenset({"down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "conv_norm_out",
                         "time_embedding", "add_embedding", "class_embedding", "encoder_hid_proj"})
 _KEY = {KOHYA: re.compile(r"^lora_unet_(?P<name>\w+)\.lora_(?P<kind>down|up)\.weight$"),
-        TRANSFORMER: re.compile(r"^transformer\.(?P<name>[\w.]+)\.lora_(?P<kind>A|B)\.weight$")}
+        TRANSFORMER: re.compile(r"^transformer\.(?P<name>[\w.]+)\.lora_(?P<kind>A|B)\.weight$"),
+        NATIVE: re.compile(r"^diffusion_model\.(?P<name>[\w.]+)\.lora_(?P<kind>down|up)\.weight$")}
 
 
-def key_style(paths) -> str:
-    """KOHYA for diffusers UNet module paths, TRANSFORMER for diffusers transformer (DiT) paths."""
+def key_style(paths, namespace: str | None = None) -> str:
+    """NATIVE for ComfyUI-named layers (namespace "comfy"); of diffusers paths, KOHYA for UNet
+    module paths, TRANSFORMER for transformer (DiT) paths."""
+    if namespace == COMFY:
+        return NATIVE
     unet = {p.split(".", 1)[0] in UNET_ROOTS for p in paths}
     if len(unet) != 1:
         raise ValueError("the adapter mixes UNet and transformer layer paths; no single LoRA key scheme fits "
@@ -53,6 +60,8 @@ def lora_keys(path: str, style: str) -> tuple[str, str]:
     if style == KOHYA:
         stem = "lora_unet_" + path.replace(".", "_")
         return f"{stem}.lora_down.weight", f"{stem}.lora_up.weight"
+    if style == NATIVE:
+        return f"diffusion_model.{path}.lora_down.weight", f"diffusion_model.{path}.lora_up.weight"
     return f"transformer.{path}.lora_A.weight", f"transformer.{path}.lora_B.weight"
 
 
@@ -96,7 +105,7 @@ def bake_lora(adapter: FeRAAdapter, mix, strength: float = 1.0, source: dict | N
     active = [m for m, w in enumerate(mix) if w != 0.0]
     if not active:
         raise ValueError(f"mix {mix} gives every expert weight 0: the LoRA would be empty")
-    style = key_style(adapter.layers)
+    style = key_style(adapter.layers, adapter.key_namespace)
     tensors = {}
     for path, experts in adapter.layers.items():
         pairs = experts.split()

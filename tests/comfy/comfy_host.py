@@ -190,11 +190,17 @@ def tiny_model(family, seed=0, dtype=None):
     generator seeded with `seed`, never from the global RNG. dtype: float32 unless given.
     """
     setup_comfy()
+    import comfy.supported_models
+    model_config = getattr(comfy.supported_models, FAMILIES[family][0])(dict(unet_config(family), **_TINY[family]))
+    return patcher_of(model_config, seed, dtype)
+
+
+def patcher_of(model_config, seed=0, dtype=None):
+    """A CPU ModelPatcher of the model a supported_models config builds, weights N(0, 0.05^2) from a
+    generator seeded with `seed`. dtype: float32 unless given."""
     import torch
     import comfy.model_patcher
-    import comfy.supported_models
     dtype = dtype or torch.float32
-    model_config = getattr(comfy.supported_models, FAMILIES[family][0])(dict(unet_config(family), **_TINY[family]))
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, "model.diffusion_model.")
     gen = torch.Generator().manual_seed(seed)

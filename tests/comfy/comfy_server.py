@@ -218,7 +218,9 @@ def widget_names(info: dict) -> list[str]:
             opts = spec[1] if len(spec) > 1 else {}
             if opts.get("control_after_generate"):
                 names.append("control_after_generate")
-            if opts.get("image_upload") or opts.get("video_upload") or opts.get("audio_upload"):
+            if opts.get("image_upload") or opts.get("video_upload"):
+                names.append("upload")  # the frontend's upload button, saved as "image" (Load Image, Load Video)
+            elif opts.get("audio_upload"):
                 raise NotImplementedError(f"upload widget of {name} is not modelled")
     return names
 
@@ -233,6 +235,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         info = object_info[node["type"]]
         values = dict(zip(widget_names(info), node.get("widgets_values", []), strict=True))
         values.pop("control_after_generate", None)
+        values.pop("upload", None)
         inputs = dict(values)
         for slot in node.get("inputs", []):
             if slot.get("link") is not None:

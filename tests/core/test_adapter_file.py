@@ -236,7 +236,7 @@ ST_CASES = {
     "other metadata": (lambda sd, meta: (sd, {"format": "pt"}), r"not a FeRA adapter of format version 1"),
     "format version 2": (lambda sd, meta: (sd, {**meta, "fera.format_version": "2"}),
                          r"not a FeRA adapter of format version 1 \(fera.format_version = '2'\)"),
-    "key namespace": (lambda sd, meta: (sd, {**meta, "fera.key_namespace": "comfy"}), r"unsupported key namespace 'comfy'"),
+    "key namespace": (lambda sd, meta: (sd, {**meta, "fera.key_namespace": "kohya"}), r"unsupported key namespace 'kohya'"),
     "config not json": (lambda sd, meta: (sd, {**meta, "fera.config": "{rank: 4"}), r"invalid fera.config metadata"),
     "config missing": (lambda sd, meta: (sd, without(meta, "fera.config")), r"invalid fera.config metadata"),
     "config unknown field": (lambda sd, meta: (sd, _meta_with(meta, lora_alpha=8)),
