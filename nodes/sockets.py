@@ -9,6 +9,7 @@ from .model_folder import adapter_names
 CATEGORY = "FeRA"
 FeRAAdapterType = io.Custom("FERA_ADAPTER")
 FeRATraceType = io.Custom("FERA_TRACE")
+FeRAScheduleType = io.Custom("FERA_SCHEDULE")  # fera_core.schedule's JSON form, a plain dict
 
 
 def adapter_name_input():
@@ -28,3 +29,8 @@ def percent_inputs(start: str, end: str) -> list:
 
 def temperature_input(tooltip: str):
     return io.Float.Input("temperature", default=0.0, min=0.0, max=100.0, step=0.01, optional=True, tooltip=tooltip)
+
+
+def schedule_input(tooltip: str):
+    """An optional drawn expert schedule (FeRA Schedule's output)."""
+    return FeRAScheduleType.Input("schedule", optional=True, tooltip=tooltip)

@@ -34,7 +34,7 @@ from comfy_server import (CHROMIUM, DIALOGS_JS, HTTP_TIMEOUT, PACK_DIR_NAME, SD1
 FIRST_RELEASE_WORKFLOWS = sorted((PACK_ROOT / "tests" / "fixtures" / "v0.1" / "workflows").glob("*.json"))
 FERA_NODES = ("LoadFeRAAdapter", "ApplyFeRA", "LoadFeRAModelOnly", "FeRARoutingTrace", "FeRARoutingPlot",
               "SaveFeRATrace", "FeRALatentBandEnergy", "LoadFeRATrainingImages", "TrainFeRA", "SaveFeRAAdapter",
-              "BakeFeRAToLoRA", "BakeFeRAToLoRASchedule")
+              "BakeFeRAToLoRA", "BakeFeRAToLoRASchedule", "FeRASchedule")
 
 
 def _execution_error(entry: dict) -> dict:
