@@ -7,6 +7,7 @@ import json
 from comfy_api.latest import io
 
 from ..fera_core.bake.schedule import trace_steps
+from ..fera_core.plot import EXPERT_COLORS
 from ..fera_core.schedule import ExpertSchedule
 from .sockets import CATEGORY, FeRAScheduleType, FeRATraceType
 
@@ -16,11 +17,12 @@ EMPTY = json.dumps(ExpertSchedule(((), (), ())).to_dict(), separators=(",", ":")
 
 def keyframes_input():
     """A STRING input (to the server, the API and other frontends) that this pack's frontend draws as
-    its curve editor (the frontend picks a widget by widgetType before type)."""
+    its curve editor (the frontend picks a widget by widgetType before type), in fera_core.plot's expert
+    colours (cycled), as the routing chart and the Routing Plot draw the experts."""
     widget = io.String.Input("keyframes", default=EMPTY,
                              tooltip="The keyframes of each expert's curve as JSON, edited in the chart: drag a "
                                      "point, click to add one, right-click to delete it.")
-    widget.extra_dict["widgetType"] = EDITOR
+    widget.extra_dict.update(widgetType=EDITOR, expert_colors=list(EXPERT_COLORS))
     return widget
 
 

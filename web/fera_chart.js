@@ -5,7 +5,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
-  applyEvent, colorOf, describe, fromOutput, isFor, layout, nearest, palette, points, stepX, valueY,
+  applyEvent, colorOf, describe, fromOutput, isFor, layout, nearest, palette, points, scheduleLines, stepX, valueY,
 } from "./fera_chart_data.js";
 
 const NODE = "FeRARoutingTrace";
@@ -83,6 +83,7 @@ function draw(chart) {
       ctx.fill();
     }
   }
+  drawSchedule(ctx, run, areas.weights, colors);
   // router weight per expert: cond solid, uncond dashed
   for (const label of Object.keys(DASH)) {
     for (let m = 0; m < run.experts; m++) {
@@ -129,6 +130,24 @@ function draw(chart) {
     ctx.textAlign = "left";
     lines.forEach((l, j) => ctx.fillText(l, bx + 4, by + 2 + 12 * j));
   }
+}
+
+/** A drawn expert schedule, wide and faint under the router's lines (in its expert's colour). */
+function drawSchedule(ctx, run, rect, colors) {
+  ctx.save();
+  ctx.globalAlpha = 0.4;
+  ctx.lineWidth = 6;
+  ctx.lineJoin = ctx.lineCap = "round";
+  for (const { expert, points: line } of scheduleLines(run)) {
+    ctx.strokeStyle = colorOf(run, "experts", expert, colors.fg);
+    ctx.beginPath();
+    line.forEach((p, i) => {
+      const x = stepX(run, p.step, rect), y = valueY(p.value, rect);
+      i === 0 ? ctx.moveTo(x, y) : ctx.lineTo(x, y);
+    });
+    ctx.stroke();
+  }
+  ctx.restore();
 }
 
 function latentSource(node) {

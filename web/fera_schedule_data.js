@@ -30,6 +30,11 @@ export function parseSchedule(text) {
   } catch (err) {
     return { error: `not JSON (${err.message})` };
   }
+  return readSchedule(data);
+}
+
+/** {schedule} from the JSON form (as Python sends it), or {error}. */
+export function readSchedule(data) {
   if (!data || !Array.isArray(data.curves) || !data.curves.length || data.curves.length > MAX_EXPERTS) {
     return { error: `expected {"curves": [...]} with 1 to ${MAX_EXPERTS} expert curves` };
   }

@@ -362,6 +362,8 @@ class Chromium:
 # The texts of the open dialogs (a missing-node or missing-model dialog, an error).
 DIALOGS_JS = ("Array.from(document.querySelectorAll('.p-dialog, [role=dialog]'))"
               ".map(d => d.innerText).filter(t => t.trim())")
+# The types of the graph's nodes the frontend has no class for (a missing custom node).
+MISSING_NODES_JS = "window.app.graph.nodes.filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type)"
 
 
 def open_frontend(server, **window) -> Chromium:

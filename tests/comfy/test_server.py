@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 
 from comfy_host import PACK_ROOT
-from comfy_server import (CHROMIUM, DIALOGS_JS, HTTP_TIMEOUT, PACK_DIR_NAME, SD15_ADAPTER, TINY_ADAPTER, WORKFLOW,
-                          WORKFLOWS, input_specs, needs_sd15_adapter, open_frontend, small_prompt, ui_to_api,
-                          widget_names)
+from comfy_server import (CHROMIUM, DIALOGS_JS, HTTP_TIMEOUT, MISSING_NODES_JS, PACK_DIR_NAME, SD15_ADAPTER,
+                          TINY_ADAPTER, WORKFLOW, WORKFLOWS, input_specs, needs_sd15_adapter, open_frontend,
+                          small_prompt, ui_to_api, widget_names)
 
 FIRST_RELEASE_WORKFLOWS = sorted((PACK_ROOT / "tests" / "fixtures" / "v0.1" / "workflows").glob("*.json"))
 FERA_NODES = ("LoadFeRAAdapter", "ApplyFeRA", "LoadFeRAModelOnly", "FeRARoutingTrace", "FeRARoutingPlot",
@@ -152,7 +152,7 @@ def test_workflow_matches_object_info(object_info):
     apply = next(n for n in api.values() if n["class_type"] == "ApplyFeRA")["inputs"]
     assert {k: v for k, v in apply.items() if not isinstance(v, list)} == {
         "strength": 1.0, "temperature": 0.0, "force_expert": -1, "mix": "", "gains": "",
-        "start_percent": 0.0, "end_percent": 1.0}
+        "start_percent": 0.0, "end_percent": 1.0, "blend": 1.0}
     assert {k for k, v in apply.items() if isinstance(v, list)} == {"model", "fera_adapter"}
 
 
@@ -235,7 +235,6 @@ _CLICK_TEXT_JS = """(text => {
 })"""
 # Node types of the graph on the canvas that the frontend does not know (missing nodes). Not
 # has_errors: newer frontends also flag a node whose model file is absent, which is not our concern.
-_MISSING_NODES_JS = "window.app.graph.nodes.filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type)"
 _GRAPH_TYPES_JS = "window.app.graph.nodes.map(n => n.type).sort()"
 
 
@@ -254,7 +253,7 @@ def test_frontend_loads_workflow(server, object_info):
         time.sleep(1.0)  # let dialogs (missing nodes/models) open if any would
         dialogs = browser.eval(DIALOGS_JS)
         assert not dialogs, f"dialogs after loading the workflow: {dialogs}"
-        assert browser.eval(_MISSING_NODES_JS) == []
+        assert browser.eval(MISSING_NODES_JS) == []
 
         # Every node was built from the server's definition, with the workflow's widget values.
         nodes = json.loads(browser.eval(
@@ -293,7 +292,7 @@ def test_frontend_loads_workflow(server, object_info):
         broken = json.loads(json.dumps(wf))
         broken["nodes"][0]["type"] = "FeRANodeThatDoesNotExist"
         browser.eval(f"window.app.loadGraphData({json.dumps(broken)})")
-        browser.wait_for(f"({_MISSING_NODES_JS}).includes('FeRANodeThatDoesNotExist')", timeout=30)
+        browser.wait_for(f"({MISSING_NODES_JS}).includes('FeRANodeThatDoesNotExist')", timeout=30)
     finally:
         browser.close()
 
@@ -315,7 +314,7 @@ def test_templates_browser_opens_every_workflow(server):
                              timeout=60)
             # No node may be missing, on any tested ComfyUI version (train_fera.json once used a
             # core loader that 0.3.64 lacks).
-            assert browser.eval(_MISSING_NODES_JS) == [], workflow.name
+            assert browser.eval(MISSING_NODES_JS) == [], workflow.name
             shot = Path(tempfile.gettempdir()) / f"fera-template-{workflow.stem}-{server.port}.png"
             browser.screenshot(shot)
             print(f"\n{workflow.name} opened from the Templates browser: {shot}")
@@ -323,6 +322,6 @@ def test_templates_browser_opens_every_workflow(server):
         broken = json.loads(WORKFLOW.read_text())
         broken["nodes"][0]["type"] = "FeRANodeThatDoesNotExist"
         browser.eval(f"window.app.loadGraphData({json.dumps(broken)})")
-        browser.wait_for(f"({_MISSING_NODES_JS}).includes('FeRANodeThatDoesNotExist')", timeout=30)
+        browser.wait_for(f"({MISSING_NODES_JS}).includes('FeRANodeThatDoesNotExist')", timeout=30)
     finally:
         browser.close()

@@ -105,3 +105,18 @@ test("hit-testing: legend, then the nearest keyframe, then the nearest curve, el
   const corner = toXY(0, 1, rect, 1);
   assert.deepEqual(hitTest(s, corner.x - 4, corner.y, rect, 1), { kind: "key", expert: 0, index: 0 });
 });
+
+test("the routing chart draws a drawn schedule at each step's percent, ahead of the router when live", async () => {
+  const { applyEvent, fromOutput, scheduleLines } = await import("../../web/fera_chart_data.js");
+  const schedule = { format: "fera.expert_schedule", version: 1, curves: [[[0.25, 1], [0.75, 0]], [], [[0, 0.5]]] };
+  const row = (step, percent) => ({ step, percent, sigma: 1 - percent, cond: "cond", weights: [0.2, 0.3, 0.5], energies: [1] });
+  const done = fromOutput({ run: "r", schedule, rows: [row(0, 0), row(1, 0.5), row(2, 1)] });
+  assert.deepEqual(scheduleLines(done), [
+    { expert: 0, points: [{ step: 0, value: 1 }, { step: 1, value: 0.5 }, { step: 2, value: 0 }] },
+    { expert: 2, points: [{ step: 0, value: 0.5 }, { step: 1, value: 0.5 }, { step: 2, value: 0.5 }] },
+  ]); // expert 1 has no curve: the router's line alone
+  let live = applyEvent(null, { kind: "start", run: "l", total: 4, schedule, percents: [0, 0.25, 0.5, 0.75] });
+  live = applyEvent(live, { kind: "step", run: "l", rows: [{ ...row(0, null) }] });
+  assert.deepEqual(scheduleLines(live)[0].points.map((p) => p.value), [1, 1, 0.5, 0]);
+  assert.deepEqual(scheduleLines(fromOutput({ run: "x", rows: [row(0, 0)] })), []); // no schedule, no layer
+});
