@@ -28,6 +28,17 @@ export function eventXY(canvas, e) {
            y: (e.clientY - box.top) * (canvas.clientHeight / Math.max(box.height, 1)) };
 }
 
+/** A panel's frame and its value labels left of it: ticks [[label, y], ...]. */
+export function framePanel(ctx, rect, colors, ticks) {
+  ctx.strokeStyle = colors.grid;
+  ctx.lineWidth = 1;
+  ctx.strokeRect(rect.x, rect.y, rect.w, rect.h);
+  ctx.fillStyle = colors.fg;
+  ctx.textAlign = "right";
+  ctx.textBaseline = "middle";
+  for (const [label, y] of ticks) ctx.fillText(label, rect.x - 4, y);
+}
+
 /** The palette of the current theme, from the frontend's CSS variables. */
 export function themeColors() {
   const style = getComputedStyle(document.documentElement);

@@ -5,7 +5,7 @@
 // expert (pick it in the legend); right-click a keyframe to delete it. Positions snap to 0.05 unless
 // snap is off or Shift is held. Every edit is one step of ComfyUI's own undo (Ctrl+Z).
 import { app } from "../../scripts/app.js";
-import { eventXY, fitCanvas, screenKey, themeColors } from "./fera_canvas.js";
+import { eventXY, fitCanvas, framePanel, screenKey, themeColors } from "./fera_canvas.js";
 import { cycle } from "./fera_chart_data.js";
 import {
   MAX_EXPERTS, SNAP, addKeyframe, deleteKeyframe, emptySchedule, fromXY, hitTest, legendBoxes, moveKeyframe,
@@ -181,13 +181,7 @@ function draw(ed) {
   ctx.font = "10px sans-serif";
   const rect = plotArea(width, height), top = ed.drag?.top ?? weightTop(ed.schedule);
   // frame, grid and axes
-  ctx.strokeStyle = colors.grid;
-  ctx.lineWidth = 1;
-  ctx.strokeRect(rect.x, rect.y, rect.w, rect.h);
-  ctx.fillStyle = colors.fg;
-  ctx.textAlign = "right";
-  ctx.textBaseline = "middle";
-  for (const w of [0, top / 2, top]) ctx.fillText(String(+w.toFixed(2)), rect.x - 4, toXY(0, w, rect, top).y);
+  framePanel(ctx, rect, colors, [0, top / 2, top].map((w) => [String(+w.toFixed(2)), toXY(0, w, rect, top).y]));
   ctx.textAlign = "center";
   ctx.textBaseline = "top";
   for (const p of [0, 0.25, 0.5, 0.75, 1]) {
