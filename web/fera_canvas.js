@@ -15,6 +15,18 @@ export function fitCanvas(canvas) {
   return { ctx, width, height };
 }
 
+/** fitCanvas, then the panel's background in the theme's colours and the 10px font every panel uses:
+ * {ctx, width, height, colors}, or null while the canvas has no size. */
+export function beginPanel(canvas) {
+  const fit = fitCanvas(canvas);
+  if (!fit) return null;
+  const colors = themeColors();
+  fit.ctx.fillStyle = colors.bg;
+  fit.ctx.fillRect(0, 0, fit.width, fit.height);
+  fit.ctx.font = "10px sans-serif";
+  return { ...fit, colors };
+}
+
 /** What fitCanvas depends on: redraw when it changes (checked at every frame the node is drawn). */
 export function screenKey(canvas) {
   const box = canvas.getBoundingClientRect();

@@ -4,7 +4,7 @@
 // run. The canvas is a DOM widget that is never serialised into the workflow.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { eventXY, fitCanvas, framePanel, screenKey, themeColors } from "./fera_canvas.js";
+import { beginPanel, eventXY, framePanel, screenKey } from "./fera_canvas.js";
 import {
   applyEvent, colorOf, describe, fromOutput, isFor, layout, nearest, points, scheduleLines, stepX, valueY,
 } from "./fera_chart_data.js";
@@ -25,13 +25,9 @@ function panel(ctx, rect, colors, label) {
 /** Draw the chart state onto the canvas at its current CSS size and device pixel ratio. */
 function draw(chart) {
   const { canvas, run, hover } = chart;
-  const fit = fitCanvas(canvas);
-  if (!fit) return;
-  const { ctx, width, height } = fit;
-  const colors = themeColors();
-  ctx.fillStyle = colors.bg;
-  ctx.fillRect(0, 0, width, height);
-  ctx.font = "10px sans-serif";
+  const begun = beginPanel(canvas);
+  if (!begun) return;
+  const { ctx, width, height, colors } = begun;
   ctx.fillStyle = colors.fg;
   if (!run) {
     ctx.textAlign = "center";

@@ -5,7 +5,7 @@
 // expert (pick it in the legend); right-click a keyframe to delete it. Positions snap to 0.05 unless
 // snap is off or Shift is held. Every edit is one step of ComfyUI's own undo (Ctrl+Z).
 import { app } from "../../scripts/app.js";
-import { eventXY, fitCanvas, framePanel, screenKey, themeColors } from "./fera_canvas.js";
+import { beginPanel, eventXY, framePanel, screenKey } from "./fera_canvas.js";
 import { cycle } from "./fera_chart_data.js";
 import {
   MAX_EXPERTS, SNAP, addKeyframe, deleteKeyframe, emptySchedule, fromXY, hitTest, legendBoxes, moveKeyframe,
@@ -172,13 +172,9 @@ function listen(ed) {
 }
 
 function draw(ed) {
-  const fit = fitCanvas(ed.canvas);
-  if (!fit) return;
-  const { ctx, width, height } = fit;
-  const colors = themeColors();
-  ctx.fillStyle = colors.bg;
-  ctx.fillRect(0, 0, width, height);
-  ctx.font = "10px sans-serif";
+  const begun = beginPanel(ed.canvas);
+  if (!begun) return;
+  const { ctx, width, height, colors } = begun;
   const rect = plotArea(width, height), top = ed.drag?.top ?? weightTop(ed.schedule);
   // frame, grid and axes
   framePanel(ctx, rect, colors, [0, top / 2, top].map((w) => [String(+w.toFixed(2)), toXY(0, w, rect, top).y]));
