@@ -120,6 +120,28 @@ def test_the_trace_records_the_blend_and_the_schedule(patcher, adapter):
     assert "schedule" not in traced(apply(patcher, adapter))[1].meta
 
 
+def test_the_live_chart_gets_the_schedule_and_each_steps_percent_when_the_run_starts(patcher, adapter,
+                                                                                    monkeypatch):
+    """A live run's first event carries what the chart needs to draw the schedule ahead of the router: the
+    schedule and the percent of every step (within the table's 1e-4 of the bisected percent); a run without
+    a schedule sends neither. The events are caught where they would go to ComfyUI's server."""
+    sent = []
+    monkeypatch.setattr(tracing.TracedRun, "_send", lambda self, kind, **data: sent.append(dict(data, kind=kind)))
+    sampling = patcher.model.model_sampling
+    sigmas = comfy.samplers.calculate_sigmas(sampling, "karras", 5)
+    live = tracing.Request(live=True, sid="client")
+    fera = routing.routings_of(apply(patcher, adapter, schedule=CROSSFADE, blend=0.5))[0]
+    tracing.TracedRun(fera.meta(), live, sigmas, sampling)
+    (start,) = sent
+    assert start["kind"] == "start" and start["total"] == 5
+    assert start["schedule"] == core_schedule.ExpertSchedule.parse(CROSSFADE).to_dict()
+    want = [percent_of(sampling, s) for s in sigmas[:-1].tolist()]
+    assert start["percents"] == pytest.approx(want, abs=1e-4) and want[1] - want[0] > 0.05
+    sent.clear()
+    tracing.TracedRun(routing.routings_of(apply(patcher, adapter))[0].meta(), live, sigmas, sampling)
+    assert sent[0]["schedule"] is None and sent[0]["percents"] is None
+
+
 @pytest.mark.parametrize("schedule, blend, message", [
     ({"curves": [[[0.5, -0.2]], [], []]}, 1.0, "expert 0, keyframe 0: weight -0.2 is negative"),
     ({"curves": [[[0.7, 1.0], [0.3, 0.0]], [], []]}, 1.0, "expert 0: keyframe percents must rise strictly"),
