@@ -14,6 +14,7 @@ import pytest
 
 from comfy_host import PACK_ROOT
 from comfy_server import CHROMIUM, DIALOGS_JS, MISSING_NODES_JS, PACK_DIR_NAME, WORKFLOW, open_frontend, ui_to_api
+from fera_core.plot import EXPERT_COLORS, palette
 
 SCHEDULE_WORKFLOW = PACK_ROOT / "workflows" / "schedule_fera.json"
 needs_chromium = pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"headless browser not found at {CHROMIUM}")
@@ -31,6 +32,12 @@ window.feraTest = {
     const at = d.toXY(percent, weight, d.plotArea(c.clientWidth, c.clientHeight), d.weightTop(ed.schedule));
     return {x: box.left + at.x * box.width / c.clientWidth, y: box.top + at.y * box.height / c.clientHeight};
   },
+  async pixel(id, percent, weight) {
+    const d = this.data ??= await import('/extensions/%s/fera_schedule_data.js');
+    const ed = this.node(id).feraSchedule, c = ed.canvas, s = c.width / c.clientWidth;
+    const at = d.toXY(percent, weight, d.plotArea(c.clientWidth, c.clientHeight), d.weightTop(ed.schedule));
+    return Array.from(c.getContext('2d').getImageData(Math.round(at.x * s), Math.round(at.y * s), 1, 1).data);
+  },
   async legend(id, expert) {
     const d = this.data ??= await import('/extensions/%s/fera_schedule_data.js');
     const ed = this.node(id).feraSchedule, c = ed.canvas, box = c.getBoundingClientRect();
@@ -38,7 +45,7 @@ window.feraTest = {
     return {x: box.left + (b.x + 10) * box.width / c.clientWidth, y: box.top + (b.y + 7) * box.height / c.clientHeight};
   },
 };
-""" % (PACK_DIR_NAME, PACK_DIR_NAME)
+""" % (PACK_DIR_NAME, PACK_DIR_NAME, PACK_DIR_NAME)
 
 # the canvas's backing store is its on-screen size times the pixel ratio
 _SHARP = ("(() => {{ const c = {0}; const b = c.getBoundingClientRect();"
@@ -140,6 +147,13 @@ def test_editor_edits_with_the_mouse_undoes_and_round_trips(server):
         _frame(browser, node_js)
         start = saved()
         assert start == json.loads(next(n for n in wf["nodes"] if n["id"] == node_id)["widgets_values"][0])["curves"]
+        # the experts in fera_core.plot's colours (the chart's and the Routing Plot's), sent with the input's
+        # definition: the middle of expert 0's keyframe at (0, 1) and of expert 1's at (0.5, 1)
+        assert browser.eval(f"{node_js}.feraSchedule.expertColors") == list(EXPERT_COLORS)
+        for m, (p, w) in enumerate([(0, 1), (0.5, 1)]):
+            want = [int(EXPERT_COLORS[m][i:i + 2], 16) for i in (1, 3, 5)]
+            got = browser.eval(f"window.feraTest.pixel({node_id}, {p}, {w})")
+            assert max(abs(a - b) for a, b in zip(got, want)) <= 3, (m, got, want)
 
         # add: a press on empty chart space adds a keyframe to the active expert (0), snapped to 0.05
         mouse.drag(mouse.point(node_id, 0.352, 0.96), None)
@@ -233,7 +247,8 @@ def _trace_output(schedule):
     """A finished trace node output (FeRARoutingTrace's ui) of a 5-step run, router weights steady at 1/3."""
     rows = [{"step": k, "sigma": 10.0 - 2 * k, "percent": k / 4, "cond": "cond", "row": 0,
              "energies": [0.5, 0.3, 0.2], "weights": [1 / 3] * 3} for k in range(5)]
-    return {"run": "r", "node": None, "title": "test", "experts": 3, "bands": 3, "schedule": schedule, "rows": rows}
+    return {"run": "r", "node": None, "title": "test", "experts": 3, "bands": 3, "colors": palette(3, 3),
+            "schedule": schedule, "rows": rows}
 
 
 @pytest.mark.slow
@@ -252,7 +267,8 @@ def test_chart_draws_the_schedule_and_old_workflows_load(server, object_info):
         schedule = {"format": "fera.expert_schedule", "version": 1, "curves": [[[0, 1], [1, 0]], [], []]}
         drawn = show(schedule)
         assert drawn != plain and show(None) == plain
-        # the schedule's line, at step 1 (percent 0.25, weight 0.75), is drawn in expert 0's colour, faint
+        # the schedule's line, at step 1 (percent 0.25, weight 0.75), is drawn in expert 0's colour at 40% over
+        # the panel (the router's lines are at 1/3 here)
         show(schedule)
         colour = browser.eval(
             f"(async () => {{ const d = await import('/extensions/{PACK_DIR_NAME}/fera_chart_data.js');"
@@ -261,7 +277,8 @@ def test_chart_draws_the_schedule_and_old_workflows_load(server, object_info):
             " const x = d.stepX(run, 1, rect) * s, y = d.valueY(0.75, rect) * s;"
             " return Array.from(c.getContext('2d').getImageData(Math.round(x), Math.round(y), 1, 1).data); })()")
         background = browser.eval(f"Array.from({canvas}.getContext('2d').getImageData(3, 3, 1, 1).data)")
-        assert colour != background and colour[2] > colour[0], (colour, background)  # blue (#1f77b4) over the panel
+        want = [0.4 * int(EXPERT_COLORS[0][i:i + 2], 16) + 0.6 * b for i, b in zip((1, 3, 5), background)]
+        assert max(abs(a - b) for a, b in zip(colour, want)) <= 4, (colour, want, background)
         shot = Path(tempfile.gettempdir()) / f"fera-schedule-chart-{server.port}.png"
         browser.screenshot(shot)
         print(f"\nchart with a schedule: {shot}")
