@@ -30,6 +30,10 @@ from comfy_host import PACK_ROOT, write_random_checkpoint
 PACK_DIR_NAME = "comfyui-fera"
 WORKFLOW = PACK_ROOT / "workflows" / "apply_fera.json"
 WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))  # every one must open from the Templates browser
+FIRST_RELEASE_WORKFLOWS = sorted((PACK_ROOT / "tests" / "fixtures" / "v0.1" / "workflows").glob("*.json"))
+# Widgets the pack's nodes gained after the first release, each appended after the old ones so that an old
+# workflow's values keep their places; a frontend gives them their defaults (with_added_widgets).
+ADDED_SINCE_FIRST_RELEASE = {"ApplyFeRA": ("blend",)}
 REFERENCE = PACK_ROOT.parent / "shared" / "fixtures" / "reference"
 SD15_ADAPTER = REFERENCE / "sd15_reference_adapter.pt"
 # A reference adapter for a tiny UNet: a well-formed file that does not fit SD1.5.
@@ -221,6 +225,21 @@ def widget_names(info: dict) -> list[str]:
             if opts.get("image_upload") or opts.get("video_upload") or opts.get("audio_upload"):
                 raise NotImplementedError(f"upload widget of {name} is not modelled")
     return names
+
+
+def with_added_widgets(workflow: dict, object_info: dict) -> dict:
+    """A first-release workflow as a frontend loads it today: each node that gained widgets since
+    (ADDED_SINCE_FIRST_RELEASE) has exactly the old number of values, and gets the new widgets' defaults."""
+    workflow = json.loads(json.dumps(workflow))
+    for node in workflow["nodes"]:
+        added = ADDED_SINCE_FIRST_RELEASE.get(node["type"], ())
+        if not added:
+            continue
+        names, specs = widget_names(object_info[node["type"]]), dict(input_specs(object_info[node["type"]]))
+        assert tuple(names[len(names) - len(added):]) == added, (node["type"], names)  # the new ones come last
+        assert len(node["widgets_values"]) == len(names) - len(added), (node["type"], node["widgets_values"])
+        node["widgets_values"] += [specs[name][1]["default"] for name in added]
+    return workflow
 
 
 def ui_to_api(workflow: dict, object_info: dict) -> dict:

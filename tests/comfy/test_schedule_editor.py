@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from comfy_host import PACK_ROOT
-from comfy_server import CHROMIUM, DIALOGS_JS, MISSING_NODES_JS, PACK_DIR_NAME, WORKFLOW, open_frontend, ui_to_api
+from comfy_server import (CHROMIUM, DIALOGS_JS, FIRST_RELEASE_WORKFLOWS, MISSING_NODES_JS, PACK_DIR_NAME, open_frontend,
+                          ui_to_api, with_added_widgets)
 from fera_core.plot import EXPERT_COLORS, palette
 
 SCHEDULE_WORKFLOW = PACK_ROOT / "workflows" / "schedule_fera.json"
@@ -283,22 +284,21 @@ def test_chart_draws_the_schedule_and_old_workflows_load(server, object_info):
         browser.screenshot(shot)
         print(f"\nchart with a schedule: {shot}")
 
-        # a workflow saved before Apply FeRA had schedule and blend: loads, gets the default blend, prompts as before
-        old = json.loads(WORKFLOW.read_text())
-        for node in old["nodes"]:
-            if node["type"] == "ApplyFeRA":
-                node["inputs"] = [i for i in node["inputs"] if i["name"] not in ("schedule", "blend")]
-                node["widgets_values"] = node["widgets_values"][:7]
-        browser.eval(f"window.app.loadGraphData({json.dumps(old)})")
-        browser.wait_for(f"window.app.graph.nodes.length === {len(old['nodes'])}", timeout=60)
-        time.sleep(1.0)
-        assert not browser.eval(DIALOGS_JS) and browser.eval(MISSING_NODES_JS) == []
-        apply_id = next(n["id"] for n in old["nodes"] if n["type"] == "ApplyFeRA")
-        seen = json.loads(browser.eval(f"JSON.stringify((n => ({{widgets: n.widgets.map(w => w.value), "
-                                       f"inputs: n.inputs.map(i => i.name)}}))(window.app.graph.getNodeById({apply_id})))"))
-        assert seen["widgets"] == [1, 0, -1, "", "", 0, 1, 1] and "schedule" in seen["inputs"]
-        api = json.loads(browser.eval("window.app.graphToPrompt().then(p => JSON.stringify(p.output))"))
-        assert api == ui_to_api(json.loads(WORKFLOW.read_text()), object_info)
+        # the first release's workflows (before Apply FeRA's schedule and blend, and before the schedule bake's
+        # trace became optional): they load, blend gets its default, and each prompts as it did, links included
+        for path in FIRST_RELEASE_WORKFLOWS:
+            old = json.loads(path.read_text())
+            if not {"ApplyFeRA", "BakeFeRAToLoRASchedule"} & {n["type"] for n in old["nodes"]}:
+                continue
+            browser.eval(f"window.app.loadGraphData({json.dumps(old)})")
+            browser.wait_for(f"window.app.graph.nodes.length === {len(old['nodes'])}", timeout=60)
+            time.sleep(1.0)
+            assert not browser.eval(DIALOGS_JS) and browser.eval(MISSING_NODES_JS) == [], path.name
+            for node in (n for n in old["nodes"] if n["type"] == "ApplyFeRA"):
+                seen = browser.eval(f"window.app.graph.getNodeById({node['id']}).widgets.map(w => w.value)")
+                assert seen == [*node["widgets_values"], 1], (path.name, seen)
+            api = json.loads(browser.eval("window.app.graphToPrompt().then(p => JSON.stringify(p.output))"))
+            assert api == ui_to_api(with_added_widgets(old, object_info), object_info), path.name
         assert not [e for e in browser.exceptions if "fera" in json.dumps(e)]
     finally:
         browser.close()

@@ -27,11 +27,11 @@ from pathlib import Path
 import pytest
 
 from comfy_host import PACK_ROOT
-from comfy_server import (CHROMIUM, DIALOGS_JS, HTTP_TIMEOUT, MISSING_NODES_JS, PACK_DIR_NAME, SD15_ADAPTER,
-                          TINY_ADAPTER, WORKFLOW, WORKFLOWS, input_specs, needs_sd15_adapter, open_frontend,
-                          small_prompt, ui_to_api, widget_names)
+from comfy_server import (CHROMIUM, DIALOGS_JS, FIRST_RELEASE_WORKFLOWS, HTTP_TIMEOUT, MISSING_NODES_JS,
+                          PACK_DIR_NAME, SD15_ADAPTER, TINY_ADAPTER, WORKFLOW, WORKFLOWS, input_specs,
+                          needs_sd15_adapter, open_frontend, small_prompt, ui_to_api, widget_names,
+                          with_added_widgets)
 
-FIRST_RELEASE_WORKFLOWS = sorted((PACK_ROOT / "tests" / "fixtures" / "v0.1" / "workflows").glob("*.json"))
 FERA_NODES = ("LoadFeRAAdapter", "ApplyFeRA", "LoadFeRAModelOnly", "FeRARoutingTrace", "FeRARoutingPlot",
               "SaveFeRATrace", "FeRALatentBandEnergy", "LoadFeRATrainingImages", "TrainFeRA", "SaveFeRAAdapter",
               "BakeFeRAToLoRA", "BakeFeRAToLoRASchedule", "FeRASchedule")
@@ -109,8 +109,9 @@ def test_every_workflow_matches_object_info(object_info, workflow):
 @pytest.mark.parametrize("workflow", FIRST_RELEASE_WORKFLOWS, ids=lambda p: p.stem)
 def test_workflows_of_the_first_release_still_open(object_info, workflow):
     """Node ids and widget lists are contracts: the workflows as the first release shipped them
-    (tests/fixtures/v0.1) find every FeRA node with the same widgets and outputs. Their one core node
-    that older hosts lack (0.33's LoadImageDataSetFromFolder) is checked only where the host has it."""
+    (tests/fixtures/v0.1) find every FeRA node with the same widgets and outputs, and the widgets added
+    since after them (comfy_server.with_added_widgets). Their one core node that older hosts lack (0.33's
+    LoadImageDataSetFromFolder) is checked only where the host has it."""
     wf = json.loads(workflow.read_text())
     fera = [n["type"] for n in wf["nodes"] if n["type"] in FERA_NODES]
     assert fera and set(fera) <= set(object_info), fera
@@ -120,7 +121,7 @@ def test_workflows_of_the_first_release_still_open(object_info, workflow):
     kept = {link[0] for link in wf["links"]}
     for slot in (s for n in wf["nodes"] for s in n.get("inputs", [])):
         slot["link"] = slot["link"] if slot.get("link") in kept else None
-    _agrees_with_object_info(wf, object_info)
+    _agrees_with_object_info(with_added_widgets(wf, object_info), object_info)
 
 
 def _agrees_with_object_info(wf: dict, object_info: dict):
