@@ -4,9 +4,11 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..fera_core.router import RoutingControls
+from ..fera_core.schedule import ExpertSchedule
 from .model_folder import load_named_adapter
 from .routing import apply_fera
-from .sockets import CATEGORY, FeRAAdapterType, adapter_name_input, percent_inputs, strength_input, temperature_input
+from .sockets import (CATEGORY, FeRAAdapterType, adapter_name_input, percent_inputs, schedule_input, strength_input,
+                      temperature_input)
 
 
 class LoadFeRAAdapter(io.ComfyNode):
@@ -57,16 +59,23 @@ class ApplyFeRA(io.ComfyNode):
                                 tooltip="Per-expert multipliers applied after routing, e.g. '1, 1, 1.5'. Empty: all 1."),
                 *percent_inputs("Fraction of the sampling schedule at which the experts start acting.",
                                 "Fraction of the sampling schedule after which the experts stop acting."),
+                schedule_input("Expert weights drawn over the schedule (FeRA Schedule), mixed with the router's "
+                               "by blend. Unconnected: the router alone."),
+                io.Float.Input("blend", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="With a schedule: 0 = the router's weights, 1 = the schedule's, in between "
+                                       "a mix of both at every step. Experts without a curve keep the router's."),
             ],
             outputs=[io.Model.Output(tooltip="The model with FeRA routing.")],
         )
 
     @classmethod
     def execute(cls, model, fera_adapter, strength: float, temperature: float = 0.0, force_expert: int = -1,
-                mix: str = "", gains: str = "", start_percent: float = 0.0, end_percent: float = 1.0) -> io.NodeOutput:
+                mix: str = "", gains: str = "", start_percent: float = 0.0, end_percent: float = 1.0,
+                schedule: dict | None = None, blend: float = 1.0) -> io.NodeOutput:
         controls = RoutingControls.from_text(fera_adapter.config.num_experts, temperature, force_expert, mix, gains)
+        drawn = None if schedule is None else ExpertSchedule.parse(schedule)
         return io.NodeOutput(apply_fera(model, fera_adapter, strength, controls, start_percent, end_percent,
-                                        name=fera_adapter.name))
+                                        name=fera_adapter.name, schedule=drawn, blend=blend))
 
 
 class LoadFeRAModelOnly(io.ComfyNode):

@@ -11,13 +11,16 @@ import folder_paths
 from ..fera_core.atomic import atomic_write_text
 from ..fera_core.bake.lora import bake_lora, save_lora
 from ..fera_core.bake.mix import ROWS, resolve_mix, trace_rows
-from ..fera_core.bake.schedule import expert_loras, schedule, to_json, trace_steps
+from ..fera_core.bake.schedule import drawn_steps, expert_loras, to_json, trace_steps
+from ..fera_core.bake.schedule import schedule as lora_schedule  # the node's input `schedule` takes the name
 from ..fera_core.bake.workflow import hook_workflow
 from ..fera_core.router import parse_numbers
+from ..fera_core.schedule import ExpertSchedule
 from .latents import model_space
 from .model_folder import free_stem
-from .sockets import (CATEGORY, FeRAAdapterType, FeRATraceType, model_space_input, percent_inputs, strength_input,
-                      temperature_input)
+from .sockets import (CATEGORY, FeRAAdapterType, FeRATraceType, model_space_input, percent_inputs, schedule_input,
+                      strength_input, temperature_input)
+from .tracing import percent_function
 
 SOURCES = ("mix", "expert", "router (latent)", "trace window")
 _STRENGTH = "Apply FeRA's strength, folded into the LoRA (load it at strength 1 to match)."
@@ -97,32 +100,43 @@ class BakeFeRAToLoRASchedule(io.ComfyNode):
             node_id="BakeFeRAToLoRASchedule",
             display_name="Bake FeRA to LoRA Schedule",
             category=CATEGORY,
-            description="Writes one LoRA per expert into models/loras and the traced run's per-step expert strengths "
-                        "(mean over the step's rows) as a JSON schedule and as a workflow of ComfyUI's built-in hook "
-                        "keyframe nodes (in the output folder). Use the traced run's sampler, scheduler and steps.",
+            description="Writes one LoRA per expert into models/loras and the per-step expert strengths of a traced "
+                        "run (mean over the step's rows) or of a drawn schedule as a JSON schedule and as a workflow "
+                        "of ComfyUI's built-in hook keyframe nodes (in the output folder). Use the traced run's (or "
+                        "the sigmas') sampler, scheduler and steps.",
             is_output_node=True,
             inputs=[
                 FeRAAdapterType.Input("fera_adapter", tooltip="The FeRA adapter the trace was recorded with."),
-                FeRATraceType.Input("trace", tooltip="Routing trace of a sampling run (FeRA Routing Trace)."),
+                FeRATraceType.Input("trace", optional=True,
+                                    tooltip="Routing trace of a sampling run (FeRA Routing Trace); or give a schedule."),
                 _prefix_input(),
                 strength_input(_STRENGTH),
                 _rows_input(),
+                schedule_input("A drawn schedule (FeRA Schedule) instead of a trace; every expert needs a curve. "
+                               "Needs model and sigmas."),
+                io.Model.Input("model", optional=True,
+                               tooltip="With a schedule: the model it will sample, whose sigma <-> percent places "
+                                       "the steps."),
+                io.Sigmas.Input("sigmas", optional=True,
+                                tooltip="With a schedule: the sigmas it will sample (e.g. BasicScheduler with the "
+                                        "sampler's scheduler and steps); one keyframe per step."),
             ],
             outputs=[io.String.Output(display_name="lora_names", tooltip="The expert LoRA files, one per line."),
                      io.String.Output(display_name="schedule", tooltip="The schedule as JSON.")],
         )
 
     @classmethod
-    def execute(cls, fera_adapter, trace, filename_prefix: str, strength: float, rows: str = "all") -> io.NodeOutput:
+    def execute(cls, fera_adapter, trace=None, filename_prefix: str = "fera_baked", strength: float = 1.0,
+                rows: str = "all", schedule: dict | None = None, model=None, sigmas=None) -> io.NodeOutput:
         m_count = fera_adapter.config.num_experts
-        steps = trace_steps(trace, trace_rows(rows))
+        steps = _steps(trace, rows, schedule, model, sigmas, m_count)
         if len(steps[0]["strengths"]) != m_count:
             raise ValueError(f"the trace has {len(steps[0]['strengths'])} experts, the adapter {m_count}")
         loras, output = folder_paths.get_folder_paths("loras")[0], folder_paths.get_output_directory()
         suffixes = [f"_expert{m}.safetensors" for m in range(m_count)]
         stem = free_stem(filename_prefix, [(loras, suffixes), (output, ["_schedule.json", "_workflow.json"])])
         names = [stem + s for s in suffixes]
-        data = schedule(fera_adapter, steps, names, strength, rows)
+        data = lora_schedule(fera_adapter, steps, names, strength, rows)
         for (tensors, meta), name in zip(expert_loras(fera_adapter, {"kind": "schedule"}), names):
             save_lora(tensors, meta, os.path.join(loras, name))
         texts = {"_schedule.json": to_json(data)}
@@ -131,6 +145,19 @@ class BakeFeRAToLoRASchedule(io.ComfyNode):
         for suffix, text in texts.items():
             atomic_write_text(os.path.join(output, stem + suffix), text)
         return io.NodeOutput("\n".join(names), to_json(data), ui={"text": names})
+
+
+def _steps(trace, rows: str, drawn: dict | None, model, sigmas, num_experts: int) -> list[dict]:
+    """Per step: its percent and the experts' strengths, of the trace or of the drawn schedule."""
+    if (trace is None) == (drawn is None):
+        raise ValueError("Bake FeRA to LoRA Schedule needs a trace, or a schedule with the model and sigmas it will "
+                         "sample with (one of the two)")
+    if trace is not None:
+        return trace_steps(trace, trace_rows(rows))
+    if model is None or sigmas is None:
+        raise ValueError("a drawn schedule needs the model and sigmas it will sample with to place its steps")
+    sampling = model.get_model_object("model_sampling")
+    return drawn_steps(ExpertSchedule.parse(drawn).check(num_experts), sigmas.tolist(), percent_function(sampling))
 
 
 def _connected(value, name: str, source: str):

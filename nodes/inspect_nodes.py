@@ -32,7 +32,8 @@ def chart_data(run_id: str, trace: RoutingTrace) -> dict:
     """What the node's chart draws of a finished run (the web module aggregates the rows itself)."""
     meta = trace.meta
     return {"run": run_id, "node": meta.get("sampler_node"), **chart_head(meta),
-            "rows": [{k: r[k] for k in ("step", "sigma", "cond", "row", "energies", "weights")} for r in trace.rows()]}
+            "rows": [{k: r[k] for k in ("step", "sigma", "percent", "cond", "row", "energies", "weights")}
+                     for r in trace.rows()]}
 
 
 class FeRARoutingTrace(io.ComfyNode):

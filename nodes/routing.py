@@ -7,15 +7,15 @@ per-row expert gains on FeRARouting.call for the duration of the call. Each adap
 layer gets a forward hook, installed with add_object_patch so that ComfyUI applies and
 reverts it with the model's other patches and its weight casting and offloading keep
 working. An OUTER_SAMPLE wrapper gives each sampling run its own _Run (the schedule window,
-the trace when tracing is on, see tracing.py, and the device copies of router and experts),
-so samplers and queue runs never share one.
+the trace when tracing is on, see tracing.py, the sigma -> percent table of a drawn expert schedule,
+and the device copies of router, experts and schedule), so samplers and queue runs never share one.
 """
 from __future__ import annotations
 
 import copy
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,10 +29,11 @@ from ..fera_core.indicator import band_energies
 from ..fera_core.model import check_fits
 from ..fera_core.plot import title_of
 from ..fera_core.router import RoutingControls
+from ..fera_core.schedule import ExpertSchedule, interp
 from ..fera_core.trace import RoutingTrace
 from .latents import video_stream
 from .module_paths import layer_names, model_family
-from .tracing import RUNS_KEY, RunLog, TracedRun, requested
+from .tracing import RUNS_KEY, RunLog, TracedRun, percent_table, requested
 
 WRAPPER_KEY = "fera"
 EXPERTS_OFF = "fera_experts_off"  # transformer_options flag: this call runs the frozen model (training's FECL base)
@@ -75,14 +76,16 @@ def match_layers(model, adapter: FeRAAdapter) -> dict[str, list[tuple[str, tuple
 
 
 class _Run:
-    """One sampling run's state: the sigma window of start/end percent, the run's trace if traced, and
-    the router and expert weights copied to the device and dtype the model runs in (made at the run's
-    first call; released with the run's model options when it ends)."""
+    """One sampling run's state: the sigma window of start/end percent, the run's trace if traced, the
+    sigma -> percent table when a schedule is drawn, and the router, expert weights and schedule copied
+    to the device and dtype the model runs in (made at the run's first call; released with the run's
+    model options when it ends)."""
 
-    def __init__(self, window: tuple[float, float] | None, traced: TracedRun | None = None):
-        self.window, self.traced = window, traced
+    def __init__(self, window: tuple[float, float] | None, traced: TracedRun | None = None, percents=None):
+        self.window, self.traced, self.percents = window, traced, percents
         self.routers: dict = {}  # device -> (float32 router, controls as tensors)
         self.experts: dict = {}  # (device, dtype) -> {adapter layer path: (down, up)}
+        self.schedules: dict = {}  # device -> (DeviceSchedule, sigma table, percent table)
 
 
 @dataclass
@@ -104,16 +107,24 @@ class FeRARouting:
 
     trace: a RoutingTrace every run also records into (scripts); tracing: None = trace the runs of
     prompts that contain a trace node, True = every run, False = never.
+    schedule, blend: a drawn expert schedule mixed into the router's weights (blend 0: the router
+    alone, 1: the schedule alone), before gains and the start/end window.
     live (training): the router and experts are the adapter's own parameters, used with grad, and
     `call` outlives the model call, so that gradient checkpointing's recomputation in backward sees
     the same gains and expert casts as the forward did.
     """
 
     def __init__(self, adapter: FeRAAdapter, strength: float, controls: RoutingControls, start_percent: float,
-                 end_percent: float, trace: RoutingTrace | None, tracing: bool | None, name: str | None, live: bool):
+                 end_percent: float, trace: RoutingTrace | None, tracing: bool | None, name: str | None, live: bool,
+                 schedule: ExpertSchedule | None = None, blend: float = 1.0):
         self.adapter, self.strength, self.controls = adapter, strength, controls.check(adapter.config.num_experts)
         if not 0.0 <= start_percent <= end_percent <= 1.0:
             raise ValueError(f"need 0 <= start_percent <= end_percent <= 1, got {start_percent}, {end_percent}")
+        if not 0.0 <= blend <= 1.0:
+            raise ValueError(f"blend must lie in 0..1 (0: the router alone, 1: the schedule alone), got {blend}")
+        self.schedule = None if schedule is None else schedule.check(adapter.config.num_experts)
+        self.blend = blend
+        self.scheduled = schedule is not None and not schedule.empty and blend > 0  # else routing is unchanged
         self.start_percent, self.end_percent, self.trace = start_percent, end_percent, trace
         self.tracing, self.name, self.live = tracing, name, live
         self.key = f"fera-{uuid.uuid4().hex}"
@@ -127,10 +138,17 @@ class FeRARouting:
         settings.update({k: [float(v) for v in getattr(c, k)] for k in ("mix", "gains") if getattr(c, k) is not None})
         if (self.start_percent, self.end_percent) != (0.0, 1.0):
             settings["percent"] = [self.start_percent, self.end_percent]
+        if self.schedule is not None:
+            settings["blend"] = self.blend
         meta = {"adapter": self.name or f"FeRA adapter ({display_name(cfg.base_model) or 'unknown base'})",
                 "settings": settings,
                 "num_experts": cfg.num_experts, "num_bands": cfg.num_bands, "indicator": cfg.indicator}
+        if self.schedule is not None:
+            meta["schedule"] = self.schedule.to_dict()
         return dict(meta, title=title_of(meta))
+
+    def _new_run(self, sampling, traced: TracedRun | None = None) -> _Run:
+        return _Run(self._window(sampling), traced, percent_table(sampling) if self.scheduled else None)
 
     def _window(self, sampling) -> tuple[float, float] | None:
         if (self.start_percent, self.end_percent) == (0.0, 1.0):
@@ -151,7 +169,7 @@ class FeRARouting:
         original = guider.model_options
         guider.model_options = comfy.model_patcher.create_model_options_clone(original)
         options = guider.model_options.setdefault("transformer_options", {})
-        options[RUNS_KEY] = {**options.get(RUNS_KEY, {}), self.key: _Run(self._window(sampling), traced)}
+        options[RUNS_KEY] = {**options.get(RUNS_KEY, {}), self.key: self._new_run(sampling, traced)}
         output = None
         try:
             output = executor(*args, **kwargs)
@@ -171,6 +189,23 @@ class FeRARouting:
             router = copy.deepcopy(self.adapter.router).to(device=device, dtype=torch.float32)
             run.routers[device] = (router, self.controls.on(device))
         return run.routers[device]
+
+    def _schedule_on(self, run: _Run, device):
+        """The schedule and the run's sigma -> percent table on a device, once per run."""
+        if device not in run.schedules:
+            sigmas, percents = (torch.tensor(v, dtype=torch.float32, device=device) for v in run.percents)
+            run.schedules[device] = (self.schedule.on(device, self.blend), sigmas, percents)
+        return run.schedules[device]
+
+    def _route(self, run: _Run, router, controls: RoutingControls, energies, sigma):
+        """The call's expert weights per row: the router's (with the controls), blended with the schedule at
+        each row's percent when one is drawn, then the gains."""
+        if not self.scheduled:
+            return router(energies, controls)
+        schedule, sigmas, percents = self._schedule_on(run, energies.device)
+        weights = router(energies, replace(controls, gains=None))
+        weights = schedule.mix(weights, interp(sigma.reshape(-1).to(energies.device), sigmas, percents))
+        return weights if controls.gains is None else weights * controls.gains
 
     def _experts_on(self, device, dtype):
         """The call's expert weights in the layers' own device and dtype (not the latent's), cast once:
@@ -196,10 +231,10 @@ class FeRARouting:
             self.call = None
             return executor(x, t, *args, **kwargs)
         cfg = self.adapter.config
-        run = options.get(RUNS_KEY, {}).get(self.key) or _Run(self._window(executor.class_obj.model_sampling))
+        run = options.get(RUNS_KEY, {}).get(self.key) or self._new_run(executor.class_obj.model_sampling)
         router, controls = self._router_on(run, x.device)
         energies = band_energies(video_stream(x, kwargs.get("latent_shapes")), cfg.num_bands, cfg.indicator)
-        weights = router(energies, controls)
+        weights = self._route(run, router, controls, energies, t)
         if run.window is not None:
             hi, lo = run.window
             sigma = t.reshape(-1).to(weights.device, torch.float32)
@@ -246,13 +281,15 @@ class FeRARouting:
 
 def apply_fera(patcher, adapter: FeRAAdapter, strength: float, controls: RoutingControls | None = None,
                start_percent: float = 0.0, end_percent: float = 1.0, trace: RoutingTrace | None = None,
-               tracing: bool | None = None, name: str | None = None, live: bool = False):
+               tracing: bool | None = None, name: str | None = None, live: bool = False,
+               schedule: ExpertSchedule | None = None, blend: float = 1.0):
     """A clone of `patcher` whose every model call routes the adapter's experts; `patcher` is untouched.
 
-    live: training's mode (see FeRARouting); name: what traces call the adapter (default: its own name).
+    live: training's mode (see FeRARouting); name: what traces call the adapter (default: its own name);
+    schedule, blend: a drawn expert schedule and how much of it replaces the router's weights.
     """
     routing = FeRARouting(adapter, strength, controls or RoutingControls(), start_percent, end_percent, trace,
-                          tracing, name or adapter.name, live)
+                          tracing, name or adapter.name, live, schedule, blend)
     targets = match_layers(patcher.model, adapter)
     clone = patcher.clone()
     if strength == 0:

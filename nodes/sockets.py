@@ -9,6 +9,7 @@ from .model_folder import adapter_names
 CATEGORY = "FeRA"
 FeRAAdapterType = io.Custom("FERA_ADAPTER")
 FeRATraceType = io.Custom("FERA_TRACE")
+FeRAScheduleType = io.Custom("FERA_SCHEDULE")  # fera_core.schedule's JSON form, a plain dict
 
 
 def adapter_name_input():
@@ -35,3 +36,8 @@ def model_space_input():
                           tooltip="The model the adapter runs on: the latent is then read in that model's latent "
                                   "space, as the router reads it (Wan's per-channel normalisation, Flux's shift). "
                                   "Unconnected: the LATENT as stored.")
+
+
+def schedule_input(tooltip: str):
+    """An optional drawn expert schedule (FeRA Schedule's output)."""
+    return FeRAScheduleType.Input("schedule", optional=True, tooltip=tooltip)

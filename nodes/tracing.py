@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import uuid
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
@@ -65,25 +66,34 @@ def requested(force: bool | None) -> Request | None:
     return Request(live, sid, ctx and ctx.prompt_id, ctx and ctx.node_id)
 
 
-def percent_function(model_sampling):
-    """sigma -> fraction of the schedule, the inverse of model_sampling.percent_to_sigma (tabulated at
-    1001 points when first used, i.e. when the trace is read; within 0.001)."""
-    table = []
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+
+def percent_table(model_sampling) -> tuple[np.ndarray, np.ndarray]:
+    """(sigmas, percents), sigma ascending: model_sampling.percent_to_sigma tabulated at 1001 percents
+    (within 0.001 of the inverse; measured 2e-5 at a karras schedule's sigmas). Made once per
+    model_sampling object: ComfyUI's model-sampling nodes patch in a new object rather than change one."""
+    if model_sampling not in _TABLES:
+        grid = np.concatenate([[1e-6], np.linspace(0.001, 0.999, 999), [1 - 1e-6]])
+        sigmas = np.array([float(model_sampling.percent_to_sigma(float(p))) for p in grid])
+        _TABLES[model_sampling] = (sigmas[::-1].copy(), grid[::-1].copy())
+    return _TABLES[model_sampling]
+
+
+def percent_function(model_sampling):
+    """sigma -> fraction of the schedule, the inverse of model_sampling.percent_to_sigma (percent_table,
+    made when first used)."""
     def percent_of(sigma: float) -> float:
-        if not table:
-            grid = np.concatenate([[1e-6], np.linspace(0.001, 0.999, 999), [1 - 1e-6]])
-            sigmas = np.array([float(model_sampling.percent_to_sigma(float(p))) for p in grid])
-            table.extend([sigmas[::-1], grid[::-1]])
-        return float(np.interp(sigma, table[0], table[1]))
+        return float(np.interp(sigma, *percent_table(model_sampling)))
     return percent_of
 
 
 def chart_head(meta: dict) -> dict:
-    """What the trace node's chart takes from a run's meta: title, counts, and the colours of
-    fera_core.plot's palette (the chart has no copy of it)."""
+    """What the trace node's chart takes from a run's meta: title, counts, the colours of
+    fera_core.plot's palette (the chart has no copy of it) and the drawn expert schedule, if any."""
     experts, bands = meta.get("num_experts") or 0, meta.get("num_bands") or 0
-    return {"title": meta.get("title", ""), "experts": experts, "bands": bands, "colors": palette(experts, bands)}
+    return {"title": meta.get("title", ""), "experts": experts, "bands": bands, "colors": palette(experts, bands),
+            "schedule": meta.get("schedule")}
 
 
 def fingerprint(latent: torch.Tensor) -> torch.Tensor:
@@ -108,8 +118,10 @@ class TracedRun:
         self.sent = 0  # calls already sent to the live chart
         self.shape: tuple | None = None
         self.print: torch.Tensor | None = None
-        if request.live:
-            self._send("start", total=int(sigmas.shape[-1]) - 1, **chart_head(meta))
+        if request.live:  # a drawn schedule comes with each step's percent, where the chart draws it
+            head = chart_head(meta)
+            percents = None if head["schedule"] is None else [self.trace.percent_of(s) for s in sigmas[:-1].tolist()]
+            self._send("start", total=int(sigmas.shape[-1]) - 1, percents=percents, **head)
 
     def record(self, energies, weights, sigma, options: dict) -> None:
         uuids = options.get("uuids")

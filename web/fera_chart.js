@@ -4,30 +4,16 @@
 // run. The canvas is a DOM widget that is never serialised into the workflow.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { beginPanel, eventXY, framePanel, screenKey } from "./fera_canvas.js";
 import {
-  applyEvent, colorOf, describe, fromOutput, isFor, layout, nearest, palette, points, stepX, valueY,
+  applyEvent, colorOf, describe, fromOutput, isFor, layout, nearest, points, scheduleLines, stepX, valueY,
 } from "./fera_chart_data.js";
 
 const NODE = "FeRARoutingTrace";
 const DASH = { cond: [], uncond: [5, 3], all: [1, 2] };
 
-function cssVars() {
-  const style = getComputedStyle(document.documentElement);
-  const out = {};
-  for (const name of ["--fg-color", "--bg-color", "--comfy-input-bg", "--border-color"]) {
-    out[name] = style.getPropertyValue(name);
-  }
-  return out;
-}
-
 function panel(ctx, rect, colors, label) {
-  ctx.strokeStyle = colors.grid;
-  ctx.lineWidth = 1;
-  ctx.strokeRect(rect.x, rect.y, rect.w, rect.h);
-  ctx.fillStyle = colors.fg;
-  ctx.textAlign = "right";
-  ctx.textBaseline = "middle";
-  for (const v of [0, 0.5, 1]) ctx.fillText(String(v), rect.x - 4, valueY(v, rect));
+  framePanel(ctx, rect, colors, [0, 0.5, 1].map((v) => [String(v), valueY(v, rect)]));
   ctx.save();
   ctx.translate(9, rect.y + rect.h / 2);
   ctx.rotate(-Math.PI / 2);
@@ -39,18 +25,9 @@ function panel(ctx, rect, colors, label) {
 /** Draw the chart state onto the canvas at its current CSS size and device pixel ratio. */
 function draw(chart) {
   const { canvas, run, hover } = chart;
-  const box = canvas.getBoundingClientRect();
-  const scale = (window.devicePixelRatio || 1) * (box.width / Math.max(canvas.clientWidth, 1) || 1);
-  const width = canvas.clientWidth, height = canvas.clientHeight;
-  if (!width || !height) return;
-  const pw = Math.round(width * scale), ph = Math.round(height * scale);
-  if (canvas.width !== pw || canvas.height !== ph) { canvas.width = pw; canvas.height = ph; }
-  const ctx = canvas.getContext("2d");
-  ctx.setTransform(scale, 0, 0, scale, 0, 0);
-  const colors = palette(cssVars());
-  ctx.fillStyle = colors.bg;
-  ctx.fillRect(0, 0, width, height);
-  ctx.font = "10px sans-serif";
+  const begun = beginPanel(canvas);
+  if (!begun) return;
+  const { ctx, width, height, colors } = begun;
   ctx.fillStyle = colors.fg;
   if (!run) {
     ctx.textAlign = "center";
@@ -83,6 +60,7 @@ function draw(chart) {
       ctx.fill();
     }
   }
+  drawSchedule(ctx, run, areas.weights, colors);
   // router weight per expert: cond solid, uncond dashed
   for (const label of Object.keys(DASH)) {
     for (let m = 0; m < run.experts; m++) {
@@ -131,6 +109,24 @@ function draw(chart) {
   }
 }
 
+/** A drawn expert schedule, wide and faint under the router's lines (in its expert's colour). */
+function drawSchedule(ctx, run, rect, colors) {
+  ctx.save();
+  ctx.globalAlpha = 0.4;
+  ctx.lineWidth = 6;
+  ctx.lineJoin = ctx.lineCap = "round";
+  for (const { expert, points: line } of scheduleLines(run)) {
+    ctx.strokeStyle = colorOf(run, "experts", expert, colors.fg);
+    ctx.beginPath();
+    line.forEach((p, i) => {
+      const x = stepX(run, p.step, rect), y = valueY(p.value, rect);
+      i === 0 ? ctx.moveTo(x, y) : ctx.lineTo(x, y);
+    });
+    ctx.stroke();
+  }
+  ctx.restore();
+}
+
 function latentSource(node) {
   const slot = node.inputs?.findIndex((i) => i.name === "latent") ?? -1;
   return slot >= 0 ? node.getInputNode?.(slot)?.id ?? null : null;
@@ -154,8 +150,7 @@ app.registerExtension({
       const widget = this.addDOMWidget("fera_chart", "canvas", canvas, { serialize: false, getMinHeight: () => 180 });
       widget.serialize = false; // options.serialize keeps it out of the prompt, this out of widgets_values
       canvas.addEventListener("mousemove", (e) => {
-        const box = canvas.getBoundingClientRect();
-        chart.hover = (e.clientX - box.left) * (canvas.clientWidth / Math.max(box.width, 1));
+        chart.hover = eventXY(canvas, e).x;
         draw(chart);
       });
       canvas.addEventListener("mouseleave", () => { chart.hover = null; draw(chart); });
@@ -176,11 +171,8 @@ app.registerExtension({
     const foreground = nodeType.prototype.onDrawForeground;
     nodeType.prototype.onDrawForeground = function () {
       const chart = this.feraChart;
-      if (chart) {
-        const box = chart.canvas.getBoundingClientRect();
-        const key = `${Math.round(box.width)}x${Math.round(box.height)}@${window.devicePixelRatio}`;
-        if (key !== chart.drawn) { chart.drawn = key; draw(chart); }
-      }
+      const key = chart && screenKey(chart.canvas);
+      if (chart && key !== chart.drawn) { chart.drawn = key; draw(chart); }
       return foreground?.apply(this, arguments);
     };
   },

@@ -1,21 +1,29 @@
 // Data handling of the FeRA routing chart: plain functions, no DOM (tested with `node --test`).
 // A run collects the rows of a routing trace (live "fera.trace" events or the trace node's
 // finished output) and reduces them to one point per sampling step: the mean router weights of the
-// cond and uncond rows, and the mean band energies.
+// cond and uncond rows, and the mean band energies. A run with a drawn expert schedule also has the
+// schedule and its percent at every step, where the chart draws it.
+import { readSchedule, valueAt } from "./fera_schedule_data.js";
 
 export const LABELS = ["cond", "uncond", "all"]; // "all": rows traced without cond/uncond
 
 /** colors: {experts: [hex], bands: [hex]}, the palette of fera_core/plot.py that the server sends with
- * the run (the same colours as the Routing Plot image; no copy here). */
-export function newRun({ run = null, node = null, title = "", experts = 0, bands = 0, total = 0, colors = null } = {}) {
-  return { run, node, title, experts, bands, total, colors, done: false, steps: new Map() };
+ * the run (the same colours as the Routing Plot image; no copy here). schedule: the drawn expert schedule
+ * (fera_core/schedule.py's JSON form) the run was blended with, and percents: each step's schedule percent. */
+export function newRun({ run = null, node = null, title = "", experts = 0, bands = 0, total = 0, colors = null,
+  schedule = null, percents = null } = {}) {
+  return { run, node, title, experts, bands, total, colors, schedule, percents, done: false, steps: new Map() };
 }
 
 /** Colour of expert or band `i` (kind "experts" | "bands") of a run, cycling through what the server
  * sent; `fallback` (the theme's text colour) when it sent none. */
 export function colorOf(run, kind, i, fallback) {
-  const list = run.colors?.[kind] ?? [];
-  return list.length ? list[i % list.length] : fallback;
+  return cycle(run.colors?.[kind], i, fallback);
+}
+
+/** Entry `i` of a colour list, cycling; `fallback` when the list is missing or empty. */
+export function cycle(list, i, fallback) {
+  return list?.length ? list[i % list.length] : fallback;
 }
 
 function add(into, values) {
@@ -28,7 +36,7 @@ export function addRows(run, rows) {
     const step = r.step ?? 0;
     let s = run.steps.get(step);
     if (!s) {
-      s = { step, sigma: r.sigma ?? null, weights: {}, energies: { sum: [], n: 0 } };
+      s = { step, sigma: r.sigma ?? null, percent: r.percent ?? null, weights: {}, energies: { sum: [], n: 0 } };
       run.steps.set(step, s);
     }
     const label = r.cond ?? "all";
@@ -43,13 +51,14 @@ export function addRows(run, rows) {
   return run;
 }
 
-/** One point per step, in step order: {step, sigma, weights: {label: mean[]}, energies: mean[]}. */
+/** One point per step, in step order: {step, sigma, percent, weights: {label: mean[]}, energies: mean[]}. */
 export function points(run) {
   return [...run.steps.values()]
     .sort((a, b) => a.step - b.step)
     .map((s) => ({
       step: s.step,
       sigma: s.sigma,
+      percent: s.percent ?? run.percents?.[s.step] ?? null,
       weights: Object.fromEntries(Object.entries(s.weights).map(([k, v]) => [k, v.sum.map((x) => x / v.n)])),
       energies: s.energies.sum.map((x) => x / s.energies.n),
     }));
@@ -61,6 +70,18 @@ export function fromOutput(data) {
   run.total = Math.max(run.total, run.steps.size);
   run.done = true;
   return run;
+}
+
+/** The drawn schedule at each step's percent, for the experts with a curve: [{expert, points: [{step, value}]}].
+ * Live runs know every step's percent from the start, so the schedule is drawn ahead of the router. */
+export function scheduleLines(run) {
+  const schedule = run.schedule && readSchedule(run.schedule).schedule;
+  if (!schedule) return [];
+  const steps = run.percents ? run.percents.map((percent, step) => ({ step, percent }))
+    : points(run).filter((p) => p.percent != null);
+  return schedule.curves.map((curve, expert) => ({
+    expert, points: steps.map(({ step, percent }) => ({ step, value: valueAt(curve, percent) })),
+  })).filter(({ expert, points: line }) => schedule.curves[expert].length && line.length);
 }
 
 /** Apply a "fera.trace" event (kind start | step | end) to `current`; returns the run to show. */

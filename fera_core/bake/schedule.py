@@ -1,7 +1,8 @@
 """Bake a traced FeRA run to a schedule: one LoRA per expert plus per-step strengths.
 
 A mix that changes over the steps is M LoRAs (expert m alone, scale folded in) whose strengths at
-step k are the traced run's mean router weights at k (averaged over the step's rows). That is what
+step k are the traced run's mean router weights at k (averaged over the step's rows), or a drawn
+expert schedule's weights at step k's percent. That is what
 ComfyUI's hook keyframes express (one keyframe per step and expert) and what step-scheduled LoRA
 tools elsewhere can read from the plain JSON schedule.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 
 from ..adapter_file import FeRAAdapter
+from ..schedule import ExpertSchedule
 from .lora import bake_lora
 
 FORMAT, VERSION = "fera.lora_schedule", 1
@@ -39,6 +41,18 @@ def trace_steps(trace, cond: str | None = None) -> list[dict]:
     if any(s["step"] is None for s in steps):
         raise ValueError("the trace does not say which step each call belongs to; record it with a schedule")
     return steps
+
+
+def drawn_steps(schedule: ExpertSchedule, sigmas: list[float], percent_of) -> list[dict]:
+    """trace_steps' form for a drawn schedule sampled at `sigmas` (the run's, ending at the final sigma):
+    each step's strengths are the curves at its percent, which percent_of(sigma) gives."""
+    undrawn = [m for m, drawn in enumerate(schedule.drawn) if not drawn]
+    if undrawn:
+        raise ValueError(f"expert {undrawn[0]} has no keyframes, so its weight would be the router's, unknown "
+                         "without a run: draw a curve for every expert, or bake the trace of a run with the schedule")
+    percents = [percent_of(sigma) for sigma in sigmas[:-1]]
+    return [{"step": k, "sigma": sigma, "percent": p, "strengths": schedule.at(p)}
+            for k, (sigma, p) in enumerate(zip(sigmas, percents))]
 
 
 def keyframes(steps: list[dict]) -> list[dict]:

@@ -30,6 +30,10 @@ from comfy_host import PACK_ROOT, write_random_checkpoint
 PACK_DIR_NAME = "comfyui-fera"
 WORKFLOW = PACK_ROOT / "workflows" / "apply_fera.json"
 WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))  # every one must open from the Templates browser
+FIRST_RELEASE_WORKFLOWS = sorted((PACK_ROOT / "tests" / "fixtures" / "v0.1" / "workflows").glob("*.json"))
+# Widgets the pack's nodes gained after the first release, each appended after the old ones so that an old
+# workflow's values keep their places; a frontend gives them their defaults (with_added_widgets).
+ADDED_SINCE_FIRST_RELEASE = {"ApplyFeRA": ("blend",)}
 REFERENCE = PACK_ROOT.parent / "shared" / "fixtures" / "reference"
 SD15_ADAPTER = REFERENCE / "sd15_reference_adapter.pt"
 # A reference adapter for a tiny UNet: a well-formed file that does not fit SD1.5.
@@ -225,6 +229,21 @@ def widget_names(info: dict) -> list[str]:
     return names
 
 
+def with_added_widgets(workflow: dict, object_info: dict) -> dict:
+    """A first-release workflow as a frontend loads it today: each node that gained widgets since
+    (ADDED_SINCE_FIRST_RELEASE) has exactly the old number of values, and gets the new widgets' defaults."""
+    workflow = json.loads(json.dumps(workflow))
+    for node in workflow["nodes"]:
+        added = ADDED_SINCE_FIRST_RELEASE.get(node["type"], ())
+        if not added:
+            continue
+        names, specs = widget_names(object_info[node["type"]]), dict(input_specs(object_info[node["type"]]))
+        assert tuple(names[len(names) - len(added):]) == added, (node["type"], names)  # the new ones come last
+        assert len(node["widgets_values"]) == len(names) - len(added), (node["type"], node["widgets_values"])
+        node["widgets_values"] += [specs[name][1]["default"] for name in added]
+    return workflow
+
+
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """The API prompt the frontend's graphToPrompt makes of a UI workflow (no groups/subgraphs)."""
     links = {link[0]: link for link in workflow["links"]}
@@ -365,6 +384,8 @@ class Chromium:
 # The texts of the open dialogs (a missing-node or missing-model dialog, an error).
 DIALOGS_JS = ("Array.from(document.querySelectorAll('.p-dialog, [role=dialog]'))"
               ".map(d => d.innerText).filter(t => t.trim())")
+# The types of the graph's nodes the frontend has no class for (a missing custom node).
+MISSING_NODES_JS = "window.app.graph.nodes.filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type)"
 
 
 def open_frontend(server, **window) -> Chromium:

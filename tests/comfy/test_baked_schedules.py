@@ -12,14 +12,12 @@ import torch
 from comfy_host import PACK_ROOT, pack_module, setup_comfy
 
 setup_comfy()
-import comfy.model_management  # noqa: E402
-import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import folder_paths  # noqa: E402
 
 from fera_core.model import FeRALayer  # noqa: E402
 from hook_replay import hooked_conds, percent_of, run_nodes  # noqa: E402
-from tiny_sampling import conds, make_adapter, tiny_patcher  # noqa: E402
+from tiny_sampling import conds, make_adapter, sample_one, tiny_patcher  # noqa: E402
 
 keys = pack_module("nodes.module_paths")
 bake_schedule = pack_module("fera_core.bake.schedule")
@@ -50,14 +48,6 @@ class StepMix:
         self.handle.remove()
         for layer in self.layers:
             layer.remove()
-
-
-def sample_one(patcher, positive, negative, steps, scheduler="normal"):
-    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-    out = comfy.sample.sample(patcher, noise, steps, 5.0, "euler", scheduler, positive, negative,
-                              torch.zeros(1, 4, 8, 8), seed=5, disable_pbar=True)
-    comfy.model_management.unload_all_models()
-    return out
 
 
 def write_loras(adapter, folder):

@@ -27,14 +27,14 @@ from pathlib import Path
 import pytest
 
 from comfy_host import PACK_ROOT
-from comfy_server import (CHROMIUM, DIALOGS_JS, HTTP_TIMEOUT, PACK_DIR_NAME, SD15_ADAPTER, TINY_ADAPTER, WORKFLOW,
-                          WORKFLOWS, input_specs, needs_sd15_adapter, open_frontend, small_prompt, ui_to_api,
-                          widget_names)
+from comfy_server import (CHROMIUM, DIALOGS_JS, FIRST_RELEASE_WORKFLOWS, HTTP_TIMEOUT, MISSING_NODES_JS,
+                          PACK_DIR_NAME, SD15_ADAPTER, TINY_ADAPTER, WORKFLOW, WORKFLOWS, input_specs,
+                          needs_sd15_adapter, open_frontend, small_prompt, ui_to_api, widget_names,
+                          with_added_widgets)
 
-FIRST_RELEASE_WORKFLOWS = sorted((PACK_ROOT / "tests" / "fixtures" / "v0.1" / "workflows").glob("*.json"))
 FERA_NODES = ("LoadFeRAAdapter", "ApplyFeRA", "LoadFeRAModelOnly", "FeRARoutingTrace", "FeRARoutingPlot",
               "SaveFeRATrace", "FeRALatentBandEnergy", "LoadFeRATrainingImages", "TrainFeRA", "SaveFeRAAdapter",
-              "BakeFeRAToLoRA", "BakeFeRAToLoRASchedule")
+              "BakeFeRAToLoRA", "BakeFeRAToLoRASchedule", "FeRASchedule")
 
 
 def _execution_error(entry: dict) -> dict:
@@ -109,8 +109,9 @@ def test_every_workflow_matches_object_info(object_info, workflow):
 @pytest.mark.parametrize("workflow", FIRST_RELEASE_WORKFLOWS, ids=lambda p: p.stem)
 def test_workflows_of_the_first_release_still_open(object_info, workflow):
     """Node ids and widget lists are contracts: the workflows as the first release shipped them
-    (tests/fixtures/v0.1) find every FeRA node with the same widgets and outputs. Their one core node
-    that older hosts lack (0.33's LoadImageDataSetFromFolder) is checked only where the host has it."""
+    (tests/fixtures/v0.1) find every FeRA node with the same widgets and outputs, and the widgets added
+    since after them (comfy_server.with_added_widgets). Their one core node that older hosts lack (0.33's
+    LoadImageDataSetFromFolder) is checked only where the host has it."""
     wf = json.loads(workflow.read_text())
     fera = [n["type"] for n in wf["nodes"] if n["type"] in FERA_NODES]
     assert fera and set(fera) <= set(object_info), fera
@@ -120,7 +121,7 @@ def test_workflows_of_the_first_release_still_open(object_info, workflow):
     kept = {link[0] for link in wf["links"]}
     for slot in (s for n in wf["nodes"] for s in n.get("inputs", [])):
         slot["link"] = slot["link"] if slot.get("link") in kept else None
-    _agrees_with_object_info(wf, object_info)
+    _agrees_with_object_info(with_added_widgets(wf, object_info), object_info)
 
 
 def _agrees_with_object_info(wf: dict, object_info: dict):
@@ -152,7 +153,7 @@ def test_workflow_matches_object_info(object_info):
     apply = next(n for n in api.values() if n["class_type"] == "ApplyFeRA")["inputs"]
     assert {k: v for k, v in apply.items() if not isinstance(v, list)} == {
         "strength": 1.0, "temperature": 0.0, "force_expert": -1, "mix": "", "gains": "",
-        "start_percent": 0.0, "end_percent": 1.0}
+        "start_percent": 0.0, "end_percent": 1.0, "blend": 1.0}
     assert {k for k, v in apply.items() if isinstance(v, list)} == {"model", "fera_adapter"}
 
 
@@ -235,7 +236,6 @@ _CLICK_TEXT_JS = """(text => {
 })"""
 # Node types of the graph on the canvas that the frontend does not know (missing nodes). Not
 # has_errors: newer frontends also flag a node whose model file is absent, which is not our concern.
-_MISSING_NODES_JS = "window.app.graph.nodes.filter(n => !window.LiteGraph.registered_node_types[n.type]).map(n => n.type)"
 _GRAPH_TYPES_JS = "window.app.graph.nodes.map(n => n.type).sort()"
 
 
@@ -254,7 +254,7 @@ def test_frontend_loads_workflow(server, object_info):
         time.sleep(1.0)  # let dialogs (missing nodes/models) open if any would
         dialogs = browser.eval(DIALOGS_JS)
         assert not dialogs, f"dialogs after loading the workflow: {dialogs}"
-        assert browser.eval(_MISSING_NODES_JS) == []
+        assert browser.eval(MISSING_NODES_JS) == []
 
         # Every node was built from the server's definition, with the workflow's widget values.
         nodes = json.loads(browser.eval(
@@ -293,7 +293,7 @@ def test_frontend_loads_workflow(server, object_info):
         broken = json.loads(json.dumps(wf))
         broken["nodes"][0]["type"] = "FeRANodeThatDoesNotExist"
         browser.eval(f"window.app.loadGraphData({json.dumps(broken)})")
-        browser.wait_for(f"({_MISSING_NODES_JS}).includes('FeRANodeThatDoesNotExist')", timeout=30)
+        browser.wait_for(f"({MISSING_NODES_JS}).includes('FeRANodeThatDoesNotExist')", timeout=30)
     finally:
         browser.close()
 
@@ -315,7 +315,7 @@ def test_templates_browser_opens_every_workflow(server):
                              timeout=60)
             # No node may be missing, on any tested ComfyUI version (train_fera.json once used a
             # core loader that 0.3.64 lacks).
-            assert browser.eval(_MISSING_NODES_JS) == [], workflow.name
+            assert browser.eval(MISSING_NODES_JS) == [], workflow.name
             shot = Path(tempfile.gettempdir()) / f"fera-template-{workflow.stem}-{server.port}.png"
             browser.screenshot(shot)
             print(f"\n{workflow.name} opened from the Templates browser: {shot}")
@@ -323,6 +323,6 @@ def test_templates_browser_opens_every_workflow(server):
         broken = json.loads(WORKFLOW.read_text())
         broken["nodes"][0]["type"] = "FeRANodeThatDoesNotExist"
         browser.eval(f"window.app.loadGraphData({json.dumps(broken)})")
-        browser.wait_for(f"({_MISSING_NODES_JS}).includes('FeRANodeThatDoesNotExist')", timeout=30)
+        browser.wait_for(f"({MISSING_NODES_JS}).includes('FeRANodeThatDoesNotExist')", timeout=30)
     finally:
         browser.close()

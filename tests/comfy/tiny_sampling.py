@@ -50,6 +50,15 @@ def sample(patcher, positive=None, negative=None, steps=3, cfg=5.0, denoise=0.7,
     return out
 
 
+def sample_one(patcher, positive, negative, steps, scheduler="normal"):
+    """One latent row from seed 5, sampled with euler (what the bake tests replay with hook keyframes)."""
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    out = comfy.sample.sample(patcher, noise, steps, 5.0, "euler", scheduler, positive, negative,
+                              torch.zeros(1, 4, 8, 8), seed=5, disable_pbar=True)
+    comfy.model_management.unload_all_models()
+    return out
+
+
 def adapter_for(model, seed=1):
     """An adapter for a tiny model of any family (comfy_host.TINY_FAMILIES)."""
     return random_adapter(model, seed, JOINT_ATTENTION, up_std=3.0, router_std=0.5, alpha=2.0)

@@ -121,10 +121,13 @@ def test_figures_draw_with_the_palette():
 
 
 def test_the_web_chart_has_no_copy_of_the_palette():
-    """The live chart gets its colours with its data (nodes/tracing.chart_head): a colour written into
-    the JS would be a second palette to keep in step."""
+    """The live chart gets its colours with its data (nodes/tracing.chart_head), the schedule editor with
+    its input's definition (nodes/schedule_nodes.keyframes_input): a colour written into the JS would be a
+    second palette to keep in step."""
     colours = {c.lower() for c in plot.EXPERT_COLORS + plot.BAND_RAMP}
-    for path in sorted((Path(__file__).resolve().parents[1] / "web").glob("*.js")):
+    scripts = sorted((Path(__file__).resolve().parents[2] / "web").glob("*.js"))
+    assert len(scripts) >= 3, scripts  # the chart, the schedule editor and their data modules at least
+    for path in scripts:
         found = colours & {c.lower() for c in re.findall(r"#[0-9a-fA-F]{6}\b", path.read_text())}
         assert not found, (path.name, found)
 
