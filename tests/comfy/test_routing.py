@@ -87,11 +87,13 @@ def test_patched_prediction_equals_fera_core_with_cfg_and_distinct_rows(patcher,
 
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)])
 def test_experts_on_convolutions(dtype, tol):
     """Experts on 3x3 convolutions (a ResBlock's conv1 and conv2) equal fera_core's hooks on the same
     ComfyUI layers, in float32 and in a float16 model (the experts cast to the layer's dtype).
-    Measured (|out| ~60): float32 1.1e-5 apart, float16 0 (both round alike); the effect is 0.13-0.16."""
+    Measured (|out| ~60): float32 1.1e-5 apart; float16 0 when both paths round alike, but up to 3e-3 in
+    one element of 512 on a loaded machine (float16 keeps 11 significant bits: one rounding step of an
+    activation of size 4-8 is 4e-3-8e-3), hence 1e-2, still 13x below the effect of 0.13-0.16."""
     patcher = tiny_patcher(dtype)
     names = keys.diffusers_to_comfy(patcher.model)
     gen = torch.Generator().manual_seed(4)
