@@ -40,6 +40,15 @@ def is_soda_file(meta: dict | None) -> bool:
     return "soda.format_version" in (meta or {})
 
 
+def is_soda_path(path) -> bool:
+    """Whether `path` is a safetensors file with SODA metadata (readable files only; never raises)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return is_soda_file(f.metadata())
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
 class SODAAdapter(nn.Module):
     """The SODA layers of a model, keyed by diffusers module path; `name` and `training_settings` as FeRAAdapter's."""
 
