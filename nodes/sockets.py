@@ -9,6 +9,7 @@ from .model_folder import adapter_names
 CATEGORY = "FeRA"
 FeRAAdapterType = io.Custom("FERA_ADAPTER")
 FeRATraceType = io.Custom("FERA_TRACE")
+SODAAdapterType = io.Custom("SODA_ADAPTER")
 
 
 def adapter_name_input():

@@ -12,6 +12,7 @@ import comfy.model_management  # noqa: E402
 import comfy.sample  # noqa: E402
 
 from fera_core.soda import IN, OUT, QR, SVD, SODAAdapter, SODAConfig  # noqa: E402
+from test_comfy_nodes import models_dir  # noqa: E402,F401  (a throwaway models/ tree)
 from test_comfy_train import data, tiny  # noqa: E402
 from test_soda import expected, orthogonal  # noqa: E402
 
@@ -168,3 +169,32 @@ def test_loss_falls_in_comfyui(family, variant):
     before = np.mean(run(start, 8, 1e-12, 123)[1])
     after = np.mean(run(trained, 8, 1e-12, 123)[1])
     assert after < 0.99 * before, (before, after)
+
+
+def test_nodes_train_save_load_apply_and_bake(models_dir):  # noqa: F811  (models_dir: the shared fixture)
+    """Train SODA -> Save -> Load -> Apply (strength 1 = Train SODA's own model) -> Bake to a LoRA that
+    ComfyUI's own LoRA loader maps completely."""
+    import comfy.lora
+    import comfy.utils
+    nodes = pack_module("nodes.soda_nodes")
+    patcher = tiny("sd15")
+    lat, pos = data("sd15")
+    with torch.inference_mode():
+        out = nodes.TrainSODA.execute([patcher], [{"samples": lat}], [pos], [3], [1e-2], ["soda-qr"], ["out"],
+                                      ["attention"], [2], [1], [0], ["fp32"], [False], [False], ["320=16x20"])
+    trained_model, adapter, losses, text = out.args
+    assert len(losses["loss"]) == 3 and adapter.config.method == "soda-qr" and adapter.config.side == "out"
+    assert "soda-qr 'attention'" in text and adapter.training_settings["steps"] == 3
+    nodes.SaveSODAAdapter.execute(adapter, "mine")
+    name = next(p.name for p in (models_dir / "fera").iterdir())
+    loaded = nodes.LoadSODAAdapter.execute(name).args[0]
+    assert loaded.file_state_dict().keys() == adapter.file_state_dict().keys()
+    applied = nodes.ApplySODA.execute(patcher, loaded, 1.0).args[0]
+    a, b = loaded_weights(applied), loaded_weights(trained_model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lora_name, report = nodes.BakeSODAToLoRA.execute(patcher, loaded, 8, 1.0, "baked").args
+    assert "energy kept" in report and len(report.splitlines()) == len(loaded.layers) + 1
+    lora = comfy.utils.load_torch_file(str(models_dir / "loras" / lora_name))
+    key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    assert set(comfy.lora.load_lora(lora, key_map)) == {f"{keys.diffusers_to_comfy(patcher.model)[p][0]}.weight"
+                                                         for p in loaded.layers}
