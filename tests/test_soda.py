@@ -261,3 +261,16 @@ def test_training_step_is_plain_mse_without_a_frozen_forward():
     mse = (net(x_t.flatten(1)).reshape(x0.shape) - (noise - x0)).pow(2).mean()
     torch.testing.assert_close(out.loss, mse)
     assert out.fecl.item() == 0.0
+
+
+def test_info_describes_a_soda_file(tmp_path, capsys):
+    from fera_core.__main__ import main
+    torch.manual_seed(0)
+    adapter = SODAModel(small_net(), SODAConfig(variant=QR, target_modules=["0", "4"], base_model="sd15")).adapter
+    save_soda(adapter, tmp_path / "a.safetensors")
+    assert main(["info", str(tmp_path / "a.safetensors"), "--layers"]) == 0
+    text = capsys.readouterr().out
+    assert "soda-qr, rotated side in" in text and "base model      sd15" in text and "factors 3x4" in text
+    assert main(["info", str(tmp_path / "a.safetensors"), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["parameters"] == adapter.num_parameters() and facts["orthogonality_error"] == 0.0
