@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "comfy")]
 from comfy_host import build_model, pack_module  # noqa: E402
 
 from fera_core.soda import SODAConfig  # noqa: E402

@@ -1,6 +1,7 @@
-"""SODA in a real ComfyUI (COMFYUI_PATH): weight patches at strength 0, 1 and between on tiny SD1.5, SDXL and
-Flux models against the paper's formula written out with numpy (tests/test_soda.py's `expected`), patch
-stacking after a LoRA, one factorisation per weight, refusals, and training through the shared loop."""
+"""SODA in a real ComfyUI (COMFYUI_PATH), nodes/soda_patch.py and the SODA nodes: weight patches at strength 0,
+1 and between on tiny SD1.5, SDXL and Flux models against the paper's formula written out with numpy
+(tests/core/soda_formulas.py), patch stacking after a LoRA, one factorisation per weight, refusals, training
+through the shared loop, and Train -> Save -> Load -> Apply -> Bake through the nodes."""
 import numpy as np
 import pytest
 import torch
@@ -12,9 +13,8 @@ import comfy.model_management  # noqa: E402
 import comfy.sample  # noqa: E402
 
 from fera_core.soda import IN, OUT, QR, SVD, SODAAdapter, SODAConfig  # noqa: E402
-from test_comfy_nodes import models_dir  # noqa: E402,F401  (a throwaway models/ tree)
-from test_comfy_train import data, tiny  # noqa: E402
-from test_soda import expected, orthogonal  # noqa: E402
+from soda_formulas import expected  # noqa: E402
+from tiny_training import data, tiny  # noqa: E402
 
 soda_patch = pack_module("nodes.soda_patch")
 training = pack_module("nodes.train_loop")
@@ -171,7 +171,7 @@ def test_loss_falls_in_comfyui(family, variant):
     assert after < 0.99 * before, (before, after)
 
 
-def test_nodes_train_save_load_apply_and_bake(models_dir):  # noqa: F811  (models_dir: the shared fixture)
+def test_nodes_train_save_load_apply_and_bake(models_dir):
     """Train SODA -> Save -> Load -> Apply (strength 1 = Train SODA's own model) -> Bake to a LoRA that
     ComfyUI's own LoRA loader maps completely."""
     import comfy.lora

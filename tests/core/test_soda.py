@@ -13,22 +13,10 @@ from fera_core.adapter_file import AdapterFileError
 from fera_core.soda import IN, OUT, QR, SVD, LayerMerge, SODAAdapter, SODAConfig, SODAModel, load_soda, save_soda
 from fera_core.soda.config import balanced_split, parse_factor_sizes
 from fera_core.training import training_step
+from soda_formulas import expected, orthogonal
 
 PATH = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These ops are tiny: on a shared CPU, spinning OpenMP threads made them ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def orthogonal(n, seed):
-    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
-    return q
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops (conftest)
 
 
 def trained_layer(shape, variant, side, seed=0):
@@ -40,31 +28,6 @@ def trained_layer(shape, variant, side, seed=0):
         layer.spectrum.copy_(torch.from_numpy(rng.standard_normal(layer.spectrum.shape[0])))
     layer.rotation.load([torch.from_numpy(orthogonal(s, seed + i + 1)) for i, s in enumerate(layer.rotation.sizes)])
     return layer
-
-
-def expected(w, layer):
-    """The paper's W' = (S + dS) B R, written out with numpy for a (out, cols) matrix w."""
-    ds = layer.spectrum.detach().double().numpy()
-    r = np.ones((1, 1))
-    for f in layer.rotation.matrices():
-        r = np.kron(r, f.detach().double().numpy())
-    k = len(ds)
-    if layer.variant == SVD:  # W0 = U diag(s) V^T -> U diag(s + ds) V^T
-        u, s, vt = np.linalg.svd(w, full_matrices=False)
-        adapted = u @ np.diag(s + ds) @ vt
-    elif layer.side == IN:  # LQ: W0 = L Q with diag(L) >= 0 -> (L + diag(dl)) Q
-        q, rr = np.linalg.qr(w.T)
-        sign = np.where(np.diag(rr) < 0, -1.0, 1.0)
-        lower, qm = (rr.T * sign), (q * sign).T
-        lower[np.arange(k), np.arange(k)] += ds
-        adapted = lower @ qm
-    else:  # QR: W0 = Q T with diag(T) >= 0 -> Q (T + diag(dt))
-        q, upper = np.linalg.qr(w)
-        sign = np.where(np.diag(upper) < 0, -1.0, 1.0)
-        q, upper = q * sign, upper * sign[:, None]
-        upper[np.arange(k), np.arange(k)] += ds
-        adapted = q @ upper
-    return adapted @ r if layer.side == IN else r @ adapted
 
 
 @pytest.mark.parametrize("variant", [SVD, QR])

@@ -1,5 +1,5 @@
 """Baking a SODA adapter into a LoRA of chosen rank: the LoRA is the best rank-r approximation of the weight
-change (numpy's SVD of the change computed from the paper's formula in test_soda), and the captured energy
+change (numpy's SVD of the change computed from the paper's formula, soda_formulas), and the captured energy
 is the kept singular values squared over all of them."""
 import json
 
@@ -12,10 +12,11 @@ from fera_core.__main__ import main
 from fera_core.bake.lora import read_baked_lora
 from fera_core.bake.soda import bake_soda
 from fera_core.soda import QR, SVD, SODAAdapter, SODAConfig, save_soda
-from test_soda import expected, one_thread, orthogonal  # noqa: F401  (one_thread: autouse fixture)
+from soda_formulas import expected, orthogonal
 
 Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
 CONV = "down_blocks.1.resnets.0.conv1"
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops (conftest)
 
 
 def adapter_and_weights(variant, seed=0):
