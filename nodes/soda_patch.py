@@ -13,7 +13,8 @@ with a message.
 
 Training: each adapted weight gets a weight wrapper (ModelPatcher.add_weight_wrapper, what ComfyUI's
 own trainer uses) computing W' from the weight the layer casts, differentiably in the adapter's
-parameters; each weight is factorised at its first forward and kept for the session.
+parameters and keeping no intermediates for backward (fera_core.soda.rebuilt); each weight is factorised
+at its first forward and kept for the session.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ..fera_core.families import compatible, display_name
 from ..fera_core.soda.adapter import SODAAdapter
 from ..fera_core.soda.factorisation import spectral_basis
 from ..fera_core.soda.merge import LayerMerge
+from ..fera_core.soda.rebuilt import Piece, adapted_weight
 from .module_paths import diffusers_to_comfy, model_family
 from .routing import AdapterMismatchError
 
@@ -112,28 +114,25 @@ def apply_soda(patcher, adapter: SODAAdapter, strength: float):
 
 
 class LiveSODA:
-    """Training: the weight wrapper of every adapted weight, W -> W'(W), differentiable in the adapter."""
+    """Training: the weight wrapper of every adapted weight, W -> W'(W), differentiable in the adapter and keeping
+    no intermediates for backward (fera_core.soda.rebuilt)."""
 
     def __init__(self, adapter: SODAAdapter):
         self.adapter, self.bases = adapter, {}
 
-    def _merged(self, path: str, weight: torch.Tensor) -> torch.Tensor:
+    def _piece(self, path: str, offset: int, weight: torch.Tensor) -> Piece:
         layer = self.adapter.layers[path]
         basis = self.bases.get(path)
         if basis is None or basis[0].device != weight.device or basis[0].dtype != weight.dtype:
             basis = self.bases[path] = tuple(b.to(weight.dtype) for b in
                                              spectral_basis(weight.detach(), layer.variant, layer.side))
-        return layer.merged(weight, basis)
+        return Piece(offset, layer, basis)
 
     def wrapper(self, entries: list[tuple[str, tuple[int, int] | None]]):
         def soda_weight(weight):
-            if len(entries) == 1 and entries[0][1] is None:
-                return self._merged(entries[0][0], weight)
-            pieces, at = [], 0
-            for path, (offset, size) in sorted(entries, key=lambda e: e[1][0]):
-                pieces += [weight.narrow(0, at, offset - at), self._merged(path, weight.narrow(0, offset, size))]
-                at = offset + size
-            return torch.cat(pieces + [weight.narrow(0, at, weight.shape[0] - at)])
+            pieces = [self._piece(path, 0, weight) if rows is None else
+                      self._piece(path, rows[0], weight.narrow(0, rows[0], rows[1])) for path, rows in entries]
+            return adapted_weight(weight, pieces)
         return soda_weight
 
 

@@ -87,12 +87,16 @@ class SODALayer(nn.Module):
         self.spectrum = nn.Parameter(torch.zeros(spectrum_size(self.shape)))
         self.rotation = KroneckerRotation(factor_sizes)
 
-    def merged(self, weight: torch.Tensor, basis: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """W' for the frozen `weight` (its factorisation: `basis`), in weight's dtype; differentiable."""
+    def merged(self, weight: torch.Tensor, basis: tuple[torch.Tensor, ...], spectrum: torch.Tensor | None = None,
+               factors: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """W' for the frozen `weight` (its factorisation: `basis`), in weight's dtype, from this layer's spectrum
+        increment and factors (or the given ones). Differentiable through plain autograd, which keeps every
+        intermediate until backward: training builds W' with rebuilt.adapted_weight, which keeps none."""
+        spectrum = self.spectrum if spectrum is None else spectrum
+        factors = self.rotation.matrices() if factors is None else factors
         w = as_matrix(weight)
-        delta = spectral_increment(basis, self.spectrum.to(w.dtype), self.variant, self.side, self.shape)
-        factors = [r.to(w.dtype) for r in self.rotation.matrices()]
-        return kron_apply(w + delta.to(w.dtype), factors, self.side).reshape(weight.shape)
+        delta = spectral_increment(basis, spectrum.to(w.dtype), self.variant, self.side, self.shape)
+        return kron_apply(w + delta.to(w.dtype), [r.to(w.dtype) for r in factors], self.side).reshape(weight.shape)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -2,7 +2,7 @@
 
 Each target layer's weight becomes W'(W0) through torch.nn.utils.parametrize (the layer computes its
 weight from the frozen original at every call, so gradients reach the spectrum increments and the
-rotation factors, never W0). Each weight is factorised once, when attached; the factors are kept
+rotation factors, never W0), built by rebuilt.adapted_weight, which keeps no intermediates for backward. Each weight is factorised once, when attached; the factors are kept
 beside the layer in the weight's own dtype. .remove() restores the original weight objects.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ..model import ADAPTABLE, find_targets
 from .adapter import SODAAdapter, load_soda, save_soda
 from .config import SODAConfig
 from .factorisation import spectral_basis
+from .rebuilt import adapted_weight, whole
 
 
 class _Merged(nn.Module):
@@ -36,7 +37,7 @@ class _Merged(nn.Module):
         if not owner.enabled:
             return weight
         basis = tuple(b for name, b in self.named_buffers() if name.startswith("basis"))
-        return owner.adapter.layers[self.path].merged(weight, basis)
+        return adapted_weight(weight, whole(owner.adapter.layers[self.path], basis))
 
 
 class SODAModel(nn.Module):
