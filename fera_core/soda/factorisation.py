@@ -74,3 +74,15 @@ def spectral_increment(basis: tuple[torch.Tensor, ...], delta: torch.Tensor, var
         return d if k == rows else torch.cat([d, d.new_zeros(rows - k, cols)])
     d = q * delta  # Q diag(dt) on the first k columns
     return d if k == cols else torch.cat([d, d.new_zeros(rows, cols - k)], dim=1)
+
+
+def increment_gradient(basis: tuple[torch.Tensor, ...], grad: torch.Tensor, variant: str, side: str) -> torch.Tensor:
+    """d/d(delta) of sum(grad * spectral_increment(basis, delta, ...)) for a (rows, columns) `grad`: the
+    increment's adjoint, which needs no forward product (training's backward, fera_core.soda.rebuilt)."""
+    if variant == SVD:
+        u, vt = basis
+        return ((grad @ vt.t()) * u).sum(0)
+    (q,) = basis
+    if side == IN:
+        return (grad[:q.shape[0]] * q).sum(1)
+    return (grad[:, :q.shape[1]] * q).sum(0)

@@ -7,7 +7,8 @@ multiplies with, for SODA and LoRA alike). RebuiltWeight computes W' with no gra
 itself (the tensor the consuming op saves anyway: no extra memory) and the small parameters. In backward
 it recovers M from W' with the rotation's transpose (R is orthogonal: M = W' R^T, or R^T W' for side
 out), rebuilds W' = rot(M) with autograd on and takes torch.autograd.grad of it with respect to M and the
-factors, then of the spectrum increment's matrix with respect to dS. The gradients are those of the plain
+factors; dS's gradient is the increment's adjoint applied to M's (factorisation.increment_gradient, which,
+unlike autograd, needs no second product U diag(dS) V^T). The gradients are those of the plain
 path, computed by the same formulas; M differs from the forward's by the rounding of one more rotation
 (a few units in the last place of the weight's dtype), so they agree to rounding, not bit for bit
 (tests/core/test_soda.py compares them). Intermediates live only inside one layer's backward.
@@ -24,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from .factorisation import as_matrix, spectral_increment
+from .factorisation import as_matrix, increment_gradient
 from .layer import SODALayer, kron_apply
 
 
@@ -90,9 +91,7 @@ class RebuiltWeight(torch.autograd.Function):
                 leaves = [f.detach().to(w_prime.dtype).requires_grad_() for f in factors]
                 m = _rotate(w_prime, [f.detach() for f in leaves], layer.side, transpose=True).requires_grad_()
                 grad_m, *grad_factors = torch.autograd.grad(_rotate(m, leaves, layer.side), [m, *leaves], g)
-                ds = spectrum.detach().to(w_prime.dtype).requires_grad_()
-                increment = spectral_increment(piece.basis, ds, layer.variant, layer.side, layer.shape)
-                (grad_ds,) = torch.autograd.grad(increment, ds, grad_m)
+            grad_ds = increment_gradient(piece.basis, grad_m, layer.variant, layer.side)
             grads += [grad_ds.to(spectrum.dtype), *(gf.to(f.dtype) for gf, f in zip(grad_factors, factors))]
             if grad_weight is not None:
                 grad_weight[rows] = grad_m.reshape(grad_weight[rows].shape)
