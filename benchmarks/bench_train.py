@@ -140,13 +140,13 @@ def comfy_checkpointing(diffusion_model, enabled):
             nodes_train.unpatch(block)
 
 
-def run_lora(patcher, lat, pos, steps, checkpointing, dtype):
+def run_lora(patcher, lat, pos, steps, checkpointing, dtype, rank=EXPERTS * RANK):
     paths = [p for p, _ in keys.diffusers_to_comfy(patcher.model).values()
              if p.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
     mp = patcher.clone()
     params = []
     for path in paths:
-        adapter = adapter_maps["LoRA"].create_train(mp.model.get_submodule(path).weight, rank=EXPERTS * RANK,
+        adapter = adapter_maps["LoRA"].create_train(mp.model.get_submodule(path).weight, rank=rank,
                                                     alpha=1.0).to(dtype)  # its lora_dtype
         mp.add_weight_wrapper(f"{path}.weight", adapter)
         params += list(adapter.parameters())

@@ -1,5 +1,5 @@
 """`python -m fera_core info FILE [--layers] [--json]` and `convert IN.pt OUT.safetensors [--force]`:
-what an adapter file holds, and a reference .pt rewritten in the project's safetensors format."""
+what an adapter file (FeRA or SODA) holds, and a reference .pt rewritten in the project's safetensors format."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,8 @@ from pathlib import Path
 
 from .adapter_file import COMFY, FORMAT_VERSION, FeRAAdapter, load_adapter, save_adapter
 from .cli import guarded, refuse_existing
+from .soda.adapter import FORMAT_VERSION as SODA_FORMAT_VERSION
+from .soda.adapter import SODAAdapter, is_soda_path, load_soda
 
 
 def add_parsers(sub) -> None:
@@ -81,9 +83,40 @@ def render(info: dict, given: dict) -> str:
     return "\n".join(lines)
 
 
+def soda_summary(path: Path, adapter: SODAAdapter, with_layers: bool) -> dict:
+    """What `info --json` prints for a SODA file."""
+    info = {"file": str(path), "format": f"soda-safetensors-v{SODA_FORMAT_VERSION}", "config": adapter.config.to_dict(),
+            "adapted_layers": len(adapter.layers), "parameters": adapter.num_parameters(),
+            "orthogonality_error": adapter.orthogonality_error()}
+    if with_layers:
+        info["layers"] = {p: {"shape": list(layer.shape), "spectrum": layer.spectrum.shape[0],
+                              "factors": layer.rotation.sizes} for p, layer in adapter.layers.items()}
+    return info
+
+
+def render_soda(info: dict) -> str:
+    c = info["config"]
+    lines = [info["file"], f"  format          SODA .safetensors, format version {SODA_FORMAT_VERSION}",
+             f"  method          soda-{c['variant']}, rotated side {c['side']}",
+             f"  base model      {c['base_model']}", f"  adapted layers  {info['adapted_layers']}",
+             f"  parameters      {info['parameters']:,}",
+             f"  orthogonality   max |R^T R - I| {info['orthogonality_error']:.1e}",
+             f"  target modules  {', '.join(c['target_modules'])}"]
+    if "layers" in info:
+        lines += [f"    {p}  {tuple(e['shape'])}  spectrum {e['spectrum']}, factors {'x'.join(map(str, e['factors']))}"
+                  for p, e in info["layers"].items()]
+    else:
+        lines.append("(per-layer listing: --layers; machine-readable: --json)")
+    return "\n".join(lines)
+
+
 def run_info(args) -> None:
     given = _reference_options(args)
     path = Path(args.file)
+    if is_soda_path(path):
+        facts = soda_summary(path, load_soda(path), args.layers)
+        print(json.dumps(facts, indent=1) if args.json else render_soda(facts))
+        return
     facts = summary(path, load_adapter(path, **given), args.layers)
     print(json.dumps(facts, indent=1) if args.json else render(facts, given))
 

@@ -175,6 +175,8 @@ def _build_experts(path: str, by_expert: dict, config: FeRAConfig, source) -> Ro
 def _metadata_config(meta: dict | None, source) -> tuple[FeRAConfig, str]:
     """(config, key namespace) of a file's metadata."""
     meta = meta or {}
+    if "soda.format_version" in meta and "fera.format_version" not in meta:
+        raise AdapterFileError(source, "this is a SODA adapter, not a FeRA one: load it with Load SODA Adapter")
     if meta.get("fera.format_version") != FORMAT_VERSION:
         raise AdapterFileError(source, f"not a FeRA adapter of format version {FORMAT_VERSION} "
                                        f"(fera.format_version = {meta.get('fera.format_version')!r})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from .fecl import FECLSettings
 from .indicator import REFERENCE, check_definition
 
 REFERENCE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -36,6 +37,11 @@ class FeRAConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def fecl(self) -> FECLSettings | None:
+        """FECL as the training step adds it; None at weight 0 (plain MSE, no frozen forward)."""
+        return FECLSettings(self.fecl_weight, self.num_bands, self.indicator) if self.fecl_weight else None
 
     def validate(self) -> "FeRAConfig":
         for name in ("rank", "num_bands", "num_experts", "router_hidden"):

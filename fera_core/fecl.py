@@ -8,11 +8,21 @@ prediction type (eps, v, x0, flow) as long as base, fera and target share it.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .indicator import REFERENCE, band_components
 
 _EPS = 1e-8
+
+
+class FECLSettings(NamedTuple):
+    """What the training step needs to add FECL: a method config's `fecl` (None: no FECL, no frozen forward)."""
+
+    weight: float
+    num_bands: int
+    definition: str
 
 
 def _norms(comps: list[torch.Tensor]) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Where adapter files live: models/fera (a registered model folder), with models/loras offered too;
-and names for the files the pack writes that never overwrite one."""
+"""Where adapter files live (FeRA and SODA alike): models/fera (a registered model folder), with models/loras
+offered too; and names for the files the pack writes that never overwrite one."""
 from __future__ import annotations
 
 import os
@@ -24,12 +24,18 @@ def adapter_names() -> list[str]:
     return names + sorted(set(lora_names) - set(names))
 
 
-def load_named_adapter(name: str, reference_alpha: float = 1.0, reference_tau: float = 0.7) -> FeRAAdapter:
+def adapter_path(name: str, kind: str = "FeRA") -> str:
+    """The file of an adapter listed by adapter_names."""
     path = folder_paths.get_full_path(FOLDER, name) or folder_paths.get_full_path("loras", name)
     if path is None:
         searched = folder_paths.get_folder_paths(FOLDER) + folder_paths.get_folder_paths("loras")
-        raise FileNotFoundError(f"FeRA adapter '{name}' not found in models/{FOLDER} or models/loras "
+        raise FileNotFoundError(f"{kind} adapter '{name}' not found in models/{FOLDER} or models/loras "
                                 f"(searched: {', '.join(searched)}).")
+    return path
+
+
+def load_named_adapter(name: str, reference_alpha: float = 1.0, reference_tau: float = 0.7) -> FeRAAdapter:
+    path = adapter_path(name)
     if path.endswith(".safetensors"):
         return load_adapter(path, name=name)
     return load_adapter(path, alpha=reference_alpha, tau=reference_tau, name=name)

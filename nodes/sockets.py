@@ -10,6 +10,7 @@ CATEGORY = "FeRA"
 FeRAAdapterType = io.Custom("FERA_ADAPTER")
 FeRATraceType = io.Custom("FERA_TRACE")
 FeRAScheduleType = io.Custom("FERA_SCHEDULE")  # fera_core.schedule's JSON form, a plain dict
+SODAAdapterType = io.Custom("SODA_ADAPTER")
 
 
 def adapter_name_input():

@@ -218,11 +218,14 @@ def _in_training():
 
 
 def train(patcher, adapter: FeRAAdapter, latents: torch.Tensor, positive: list, settings: TrainSettings,
-          retention: torch.Tensor | None = None, retention_positive: list | None = None, progress=None):
+          retention: torch.Tensor | None = None, retention_positive: list | None = None, progress=None,
+          attach=None):
     """Train a copy of `adapter` (float32, on the model's device) and return (trained copy, losses).
 
     positive: one conditioning for all images or one per image (ComfyUI CONDITIONING entries).
-    `patcher` is left untouched; the adapter is attached to a clone for the session.
+    `patcher` is left untouched; the adapter is attached to a clone for the session by
+    attach(patcher, adapter) -> clone (default: FeRA's routing in live mode; SODA passes its weight
+    wrappers, nodes/soda_patch.attach_live).
     """
     settings.check()
     latents = with_frames(patcher, latents)  # Qwen-Image's 4-D image latents get the frame axis its sampler gives them
@@ -251,7 +254,7 @@ def train(patcher, adapter: FeRAAdapter, latents: torch.Tensor, positive: list, 
         data = TrainData(latents.clone().float(), _fresh(conds), cond_of_row,
                          None if retention is None else retention.clone().float(), retention_cond)
         adapter = copy.deepcopy(adapter).to(patcher.load_device, torch.float32).requires_grad_(True)
-        clone = apply_fera(patcher, adapter, 1.0, live=True)
+        clone = attach(patcher, adapter) if attach else apply_fera(patcher, adapter, 1.0, live=True)
         if settings.dtype is not None:  # as TrainLoraNode: every op in that dtype, not only autocast's list
             clone.set_model_compute_dtype(settings.dtype)
         guider = Guider_Basic(clone)

@@ -90,7 +90,7 @@ def summary(adapter: FeRAAdapter, preset: str, losses: list[float]) -> str:
     return text
 
 
-def _progress(node_id, steps: int):
+def progress_reporter(node_id, steps: int):
     """ProgressBar plus a 'fera.train' event carrying the live loss (one host sync per step)."""
     bar = comfy.utils.ProgressBar(steps, node_id=node_id)
 
@@ -188,7 +188,7 @@ class TrainFeRA(io.ComfyNode):
         else:
             adapter = continued_adapter(model.model, fera_adapter, fecl_weight)
         adapter, losses = train(model, adapter, images, positive, settings, retention, retention_positive,
-                                _progress(getattr(cls.hidden, "unique_id", None), steps))
+                                progress_reporter(getattr(cls.hidden, "unique_id", None), steps))
         adapter = adapter.to("cpu")
         previous = None if fera_adapter is None else fera_adapter.training_settings
         adapter.training_settings = dict(

@@ -4,6 +4,8 @@
                                  | --trace TRACE.json [--start P --end P]
     bake ADAPTER OUT_PREFIX --schedule TRACE.json   (OUT_PREFIX_expert<m>.safetensors, _schedule.json,
                                                       _workflow.json)
+    bake SODA_ADAPTER OUT.safetensors --base UNET --rank R   (a SODA adapter: best rank-R LoRA of its change
+                                                             to the base weights, energy kept per layer)
 """
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ from ..adapter_file import load_adapter
 from ..atomic import atomic_write_text
 from ..cli import guarded, refuse_existing
 from ..router import parse_numbers
+from ..soda.adapter import is_soda_path, load_soda
 from ..trace import RoutingTrace
 from .lora import bake_lora, save_lora
 from .mix import ROWS, resolve_mix, trace_rows
 from .schedule import expert_loras, schedule, to_json, trace_steps
+from .soda import bake_soda, read_base_weights
 from .workflow import hook_workflow
 
 
@@ -29,7 +33,7 @@ def add_parser(sub) -> None:
                                     "and a step schedule (JSON and a ComfyUI hook-keyframe workflow)")
     p.add_argument("adapter")
     p.add_argument("out", help="OUT.safetensors (fixed mix) or an output prefix (--schedule)")
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--mix", help="expert weights, e.g. 0.2,0.5,0.3 (normalised, as Apply FeRA's mix)")
     source.add_argument("--expert", type=int, help="one expert alone")
     source.add_argument("--latent", help="the router's own mix for this latent (.latent or .safetensors; mean over rows)")
@@ -43,11 +47,22 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, help="router temperature for --latent/--energies")
     p.add_argument("--alpha", type=float, help="LoRA alpha of a reference .pt (default 1.0)")
     p.add_argument("--tau", type=float, help="router temperature of a reference .pt (default 0.7)")
+    p.add_argument("--base", help="SODA: the base model's diffusers weights (a .safetensors file, or a folder: "
+                                  "shards, or a pipeline with unet/ or transformer/)")
+    p.add_argument("--rank", type=int, help="SODA: rank of the baked LoRA")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(handler=guarded(run))
 
 
 def run(args) -> None:
+    given = [k for k in ("mix", "expert", "latent", "energies", "trace", "schedule") if getattr(args, k) is not None]
+    if is_soda_path(args.adapter):
+        if given or not (args.base and args.rank):
+            raise ValueError(f"{args.adapter} is a SODA adapter: bake it with --base BASE_WEIGHTS --rank R "
+                             f"(not {', '.join('--' + k for k in given) or 'without them'})")
+        return _soda(args)
+    if not given:
+        raise ValueError("a FeRA bake needs one of --mix, --expert, --latent, --energies, --trace, --schedule")
     options = {k: v for k, v in (("alpha", args.alpha), ("tau", args.tau)) if v is not None}
     adapter = load_adapter(args.adapter, **options)
     if args.schedule:
@@ -59,6 +74,19 @@ def run(args) -> None:
     save_lora(tensors, meta, args.out)
     print(f"wrote {args.out}: {len(adapter.layers)} layers, rank {json.loads(meta['fera.baked'])['rank']}, "
           f"mix {[round(w, 6) for w in mix]}")
+
+
+def _soda(args) -> None:
+    adapter = load_soda(args.adapter)
+    refuse_existing([args.out], args.force)
+    weights = read_base_weights(args.base, adapter.layers)
+    tensors, meta, captured = bake_soda(adapter, weights, args.rank, args.strength,
+                                        source={"adapter": Path(args.adapter).name})
+    save_lora(tensors, meta, args.out)
+    for path, fraction in captured.items():
+        print(f"  {path}  {fraction:.4f}")
+    print(f"wrote {args.out}: {len(captured)} layers, rank {args.rank}; energy of the weight change kept: "
+          f"min {min(captured.values()):.4f}, mean {sum(captured.values()) / len(captured):.4f}")
 
 
 def _read_trace(path: str) -> RoutingTrace:

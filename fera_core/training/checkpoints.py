@@ -30,8 +30,11 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
+_SODA_KEYS = ("method", "soda_side", "factor_sizes")  # recorded for SODA runs only (FeRA's settings stay as they were)
+
+
 def settings_of(args) -> dict:
-    out = {k: getattr(args, k) for k in _RESUME_KEYS}
+    out = {k: getattr(args, k) for k in _RESUME_KEYS + (_SODA_KEYS if args.method != "fera" else ())}
     out["pipeline"], out["data"] = str(Path(args.pipeline).resolve()), str(Path(args.data).resolve())
     return out
 

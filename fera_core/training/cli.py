@@ -4,6 +4,10 @@
     accelerate launch --multi_gpu --num_processes 8 -m fera_core train PIPELINE_DIR IMAGES_DIR --output OUT
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m fera_core train ...   (CPU processes)
 
+--method soda-svd | soda-qr trains a SODA adapter instead (fera_core.soda: spectrum increments and
+Kronecker-factored rotations of the target layers' weights; plain MSE, no routing trace); FeRA's
+options (--rank, --alpha, --num-experts, --num-bands, --tau, --indicator, --fecl-weight) do not apply.
+
 PIPELINE_DIR is a `save_pretrained` directory of a StableDiffusion (1.x/2.x), StableDiffusionXL
 or StableDiffusion3 pipeline (UNet or transformer, text encoders and tokenizers, VAE,
 scheduler); IMAGES_DIR holds images with same-named .txt captions. The loss is fera_core.training's, with the scheduler's objective
@@ -14,7 +18,7 @@ noise levels, noise) is made for the whole global batch from (seed, s), so the l
 the same however the batch is split, and a resumed run continues exactly: that is why a
 checkpoint needs no RNG state beyond its step.
 
-Writes OUT/adapter.safetensors (the project's adapter format), OUT/adapter.trace.json (the
+Writes OUT/adapter.safetensors (the project's adapter format), OUT/adapter.trace.json (FeRA: the
 routing of every training row: step, noise level, band energies, expert weights),
 OUT/losses.json, and OUT/checkpoints/step-N.pt every --checkpoint-every steps (adapter,
 optimizer and LR-schedule state, step, losses, trace; each written atomically).
@@ -32,6 +36,8 @@ from ..cli import guarded
 from ..config import FeRAConfig
 from ..indicator import DEFINITIONS, REFERENCE
 from ..model import FeRAModel
+from ..soda.config import IN, METHODS, SIDES, SODAConfig, parse_factor_sizes
+from ..soda.model import SODAModel
 from ..trace import RoutingTrace
 from .checkpoints import checkpoints, load_checkpoint, save_checkpoint, settings_of
 from .data import ImageCaptions, TrainingError, batch_indices, derived_seed, step_generator
@@ -60,6 +66,13 @@ def add_parser(sub) -> None:
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
                    help="default: accelerate's configuration (no)")
+    p.add_argument("--method", choices=("fera", *METHODS), default="fera",
+                   help="fera (default), or SODA with an SVD or QR factorisation")
+    p.add_argument("--soda-side", choices=SIDES, default=IN,
+                   help="SODA: rotate the weights' input side (V / LQ's Q; default) or output side (U / QR's Q)")
+    p.add_argument("--factor-sizes", default="",
+                   help="SODA: Kronecker factor sizes by dimension, e.g. 320=16x20,640=20x32 (default: two "
+                        "factors as close to square as the dimension allows)")
     p.add_argument("--diff-tuning", action="store_true",
                    help="Diff-Tuning emphasis: noise levels drawn with p(u) ~ u (towards high noise)")
     p.add_argument("--rank", type=int, default=4)
@@ -79,9 +92,14 @@ def add_parser(sub) -> None:
     p.set_defaults(handler=guarded(run))
 
 
-def _config(args, family: str) -> FeRAConfig:
+def _config(args, family: str) -> FeRAConfig | SODAConfig:
     family = args.base_model or family
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     try:
+        if args.method != "fera":  # SODA: targets are module paths or path suffixes
+            return SODAConfig(variant=METHODS[args.method], side=args.soda_side,
+                              factor_sizes=parse_factor_sizes(args.factor_sizes), target_modules=targets,
+                              base_model=family).validate()
         return FeRAConfig(rank=args.rank, alpha=args.alpha, num_bands=args.num_bands, num_experts=args.num_experts,
                           router_tau=args.tau, target_modules=[t.strip() for t in args.targets.split(",") if t.strip()],
                           fecl_weight=args.fecl_weight, indicator=args.indicator, match_full_name=args.match_full_name,
@@ -127,8 +145,8 @@ def train(args) -> dict:
     shape = pipeline.latent_shape(args.resolution)
     config = _config(args, pipeline.family)
     torch.manual_seed(args.seed)  # the same fresh adapter on every process
-    fera = FeRAModel(pipeline.model, config)
-    if not fera.fera_layers:
+    fera = FeRAModel(pipeline.model, config) if args.method == "fera" else SODAModel(pipeline.model, config)
+    if not fera.adapter.layers:
         raise TrainingError(f"no layer of the {type(pipeline.model).__name__} matches --targets {args.targets}")
     fera.adapter.to(acc.device)
     denoiser = Denoiser(fera, pipeline)
@@ -143,7 +161,8 @@ def train(args) -> dict:
         if not found:
             raise TrainingError(f"--resume: no checkpoint in {ckpt_dir}")
         state = load_checkpoint(found[-1][1])
-        differ = {k: (v, state["settings"].get(k)) for k, v in settings_of(args).items() if state["settings"].get(k) != v}
+        now, then = settings_of(args), state["settings"]
+        differ = {k: (now.get(k), then.get(k)) for k in set(now) | set(then) if now.get(k) != then.get(k)}
         if differ:
             raise TrainingError(f"--resume: {found[-1][1].name} was made with other settings (now, then): {differ}")
         fera.adapter.load_state_dict(state["adapter"])
@@ -186,10 +205,11 @@ def train(args) -> dict:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             parts_of_step.append(torch.stack([result.loss.detach(), result.mse, result.fecl]))
-            energies, weights = acc.unwrap_model(model).routing
-            a, b, _ = objective.coefficients(u_all[mine])
-            e_all, w_all, s_all = acc.gather((energies, weights, objective.sigma(a, b)))
-            trace.record(e_all, w_all, s_all, step=step + 1)
+            routing = acc.unwrap_model(model).routing
+            if routing is not None:  # FeRA: record the routing of every row
+                a, b, _ = objective.coefficients(u_all[mine])
+                e_all, w_all, s_all = acc.gather((*routing, objective.sigma(a, b)))
+                trace.record(e_all, w_all, s_all, step=step + 1)
         lr_schedule.step()
         mean = acc.reduce(torch.stack(parts_of_step).mean(0), reduction="mean")
         pending.append((step + 1, *mean))
@@ -207,6 +227,8 @@ def train(args) -> dict:
             acc.wait_for_everyone()
     bar.close()
     paths = {"adapter": out / "adapter.safetensors", "trace": out / "adapter.trace.json", "losses": out / "losses.json"}
+    if args.method != "fera":
+        del paths["trace"]  # SODA routes nothing
     if acc.is_main_process:
         meta = {"adapter": paths["adapter"].name, "run": "training", "settings": settings_of(args),
                 "processes": acc.num_processes}
@@ -215,7 +237,8 @@ def train(args) -> dict:
                                               final_loss=losses[-1]["loss"] if losses else None)
         fera.save_adapters(paths["adapter"])
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(paths["trace"], RoutingTrace.from_rows(trace_rows, meta).to_json())
+        if "trace" in paths:
+            atomic_write_text(paths["trace"], RoutingTrace.from_rows(trace_rows, meta).to_json())
         atomic_write_text(paths["losses"], json.dumps(losses))
     acc.wait_for_everyone()
     acc.end_training()

@@ -87,8 +87,9 @@ class Pipeline:
 
 
 class Denoiser(nn.Module):
-    """FeRAModel's UNet or transformer as the one module accelerate wraps (DDP, autocast): forward routes
-    by the latent and calls the model, or calls it with the experts off. Keeps the last routing."""
+    """FeRAModel's (or SODAModel's) UNet or transformer as the one module accelerate wraps (DDP, autocast):
+    forward routes by the latent and calls the model, or calls it with the experts off. Keeps FeRA's last
+    routing (None for SODA, which routes nothing)."""
 
     def __init__(self, fera: FeRAModel, call):
         super().__init__()
@@ -97,6 +98,6 @@ class Denoiser(nn.Module):
 
     def forward(self, x_t, timestep, cond, experts: bool):
         out = self.fera.predict(x_t, timestep, cond, experts=experts, call=self.call)
-        if experts:
+        if experts and isinstance(self.fera, FeRAModel):
             self.routing = (self.fera.current_e_t.detach(), self.fera.current_weights.detach())
         return out

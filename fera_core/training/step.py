@@ -7,6 +7,9 @@ regression target in the model's own prediction space, runs the model with its e
 without grad and with the experts off, the frozen model, and returns MSE + FECL. FECL compares
 the two predictions in that same space, so the loss follows the model: epsilon (SD1.5, SDXL),
 v (SD2-v), flow matching (SD3, Flux).
+
+The step is the same for every method: of the adapter's config it reads only `fecl` (FeRA's FECL
+settings, or None: SODA, or FeRA at fecl_weight 0, train with MSE alone and run no frozen forward).
 """
 from __future__ import annotations
 
@@ -15,8 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..config import FeRAConfig
-from ..fecl import fecl_loss
+from ..fecl import FECLSettings, fecl_loss
 
 EPSILON, V_PREDICTION, FLOW, SAMPLE = "epsilon", "v_prediction", "flow", "sample"
 PREDICTIONS = (EPSILON, V_PREDICTION, FLOW, SAMPLE)
@@ -82,6 +84,12 @@ def prediction_from_x0(prediction: str, x_t: torch.Tensor, x0_hat: torch.Tensor,
     return regression_target(prediction, x0_hat, noise_hat, a, b)
 
 
+class MethodConfig(Protocol):
+    """An adapter config as the step reads it (FeRAConfig, SODAConfig)."""
+
+    fecl: FECLSettings | None
+
+
 class Objective(Protocol):
     """How a host noises and calls its model. `prediction` is one of PREDICTIONS."""
 
@@ -104,13 +112,16 @@ class StepLoss:
     fecl: torch.Tensor
 
 
-def fera_loss(pred: torch.Tensor, base: torch.Tensor, target: torch.Tensor, config: FeRAConfig,
+def fera_loss(pred: torch.Tensor, base: torch.Tensor, target: torch.Tensor, config: MethodConfig,
               row_weights: torch.Tensor | None = None) -> StepLoss:
-    """MSE + FECL per row, summed with `row_weights` (default 1/B each: the reference's loss)."""
+    """MSE + FECL per row, summed with `row_weights` (default 1/B each: the reference's loss).
+
+    config: any method's config; its `fecl` says whether and how FECL is added."""
     pred, target = pred.float(), target.float()
     mse = (pred - target).pow(2).flatten(1).mean(1)
-    fecl = fecl_loss(base, pred, target, config.num_bands, config.indicator, config.fecl_weight, reduction="none") \
-        if config.fecl_weight else torch.zeros_like(mse)  # weight 0: no band decompositions to run backward through
+    settings = config.fecl
+    fecl = fecl_loss(base, pred, target, settings.num_bands, settings.definition, settings.weight, reduction="none") \
+        if settings else torch.zeros_like(mse)  # no FECL: no band decompositions to run backward through
     w = torch.full_like(mse, 1.0 / mse.shape[0]) if row_weights is None else row_weights.to(mse)
     return StepLoss(((mse + fecl) * w).sum(), (mse * w).sum().detach(), (fecl * w).sum().detach())
 
@@ -129,7 +140,7 @@ def noise_draws(shape, generator: torch.Generator | None = None, device=None, di
     return u, torch.randn(shape, generator=generator, device=u.device)
 
 
-def training_step(objective: Objective, x0: torch.Tensor, cond: Any, config: FeRAConfig,
+def training_step(objective: Objective, x0: torch.Tensor, cond: Any, config: MethodConfig,
                   generator: torch.Generator | None = None, diff_tuning: bool = False,
                   retention: torch.Tensor | None = None, retention_weight: float = 0.1,
                   draws: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepLoss:
@@ -154,7 +165,7 @@ def training_step(objective: Objective, x0: torch.Tensor, cond: Any, config: FeR
     a, b_, model_time = objective.coefficients(u)
     x_t = (_rows(a, x0) * x0.float() + _rows(b_, x0) * noise).to(x0.dtype)
     base = None
-    if config.fecl_weight:  # the frozen prediction only feeds FECL; it goes first, so a host may keep
+    if config.fecl:  # the frozen prediction only feeds FECL; it goes first, so a host may keep
         with torch.no_grad():  # the experts' routing of the last call for backward (checkpointing)
             base = objective.predict(x_t, model_time, cond, experts=False)
     pred = objective.predict(x_t, model_time, cond, experts=True)

@@ -18,7 +18,8 @@ TINY_PT = PACK_ROOT / "tests" / "fixtures" / "tiny_reference_adapter.pt"
 NODE_IDS = {"LoadFeRAAdapter", "ApplyFeRA", "LoadFeRAModelOnly",
             "FeRARoutingTrace", "FeRARoutingPlot", "SaveFeRATrace", "FeRALatentBandEnergy",
             "LoadFeRATrainingImages", "TrainFeRA", "SaveFeRAAdapter", "BakeFeRAToLoRA",
-            "BakeFeRAToLoRASchedule", "FeRASchedule"}
+            "BakeFeRAToLoRASchedule", "FeRASchedule",
+            "LoadSODAAdapter", "ApplySODA", "TrainSODA", "SaveSODAAdapter", "BakeSODAToLoRA"}
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ run, so the trainer meets the inference tensors a real checkpoint gives it.
 import pytest
 import torch
 
-from comfy_host import TINY_CONTEXT, TINY_FAMILIES, pack_module, setup_comfy, tiny_model
+from comfy_host import TINY_FAMILIES, pack_module, setup_comfy, tiny_model
 
 setup_comfy()
 import comfy.model_base  # noqa: E402
@@ -18,35 +18,11 @@ import comfy.supported_models as sm  # noqa: E402
 from comfy_extras.nodes_custom_sampler import Guider_Basic  # noqa: E402
 
 from fera_core.training.step import regression_target  # noqa: E402
-from tiny_training import NODE_ARGS, tiny  # noqa: E402
+from tiny_training import NODE_ARGS, PREDICTION, TINY, data, tiny  # noqa: E402
 
 training = pack_module("nodes.train_loop")
 train_nodes = pack_module("nodes.train_nodes")
 objective_mod = pack_module("nodes.objective")
-
-# family -> (latent channels, pooled-output width or None)
-TINY = {"sd15": (4, None), "sd2v": (4, None), "sdxl": (4, 1280), "sd3": (16, TINY_CONTEXT), "flux": (16, TINY_CONTEXT)}
-PREDICTION = {"sd15": "epsilon", "sd2v": "v_prediction", "sdxl": "epsilon", "sd3": "flow", "flux": "flow"}
-
-
-def data(family, n=2, seed=5, per_image=False):
-    """(latents, positive): smooth images (so the tiny model can learn them) and random text conditioning."""
-    channels, pooled = TINY[family]
-    gen = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
-    lat = torch.stack([torch.sin(xx / (3 + i) + yy / 4 + torch.arange(channels)[:, None, None]) for i in range(n)])
-
-    def cond():
-        extra = {} if pooled is None else {"pooled_output": torch.randn(1, pooled, generator=gen)}
-        if family == "sdxl":
-            extra.update(width=64, height=64)
-        if family == "flux":
-            extra["guidance"] = 3.5
-        return [torch.randn(1, 7, TINY_CONTEXT, generator=gen), extra]
-
-    with torch.inference_mode():
-        return lat * 2, [cond() for _ in range(n if per_image else 1)]
-
 
 def settings(**kw):
     base = dict(steps=30, learning_rate=3e-3, batch_size=2, seed=0, dtype=None)

@@ -1,8 +1,8 @@
-"""Tiny models of every trainable family as ComfyUI's loaders give them, and Train FeRA's node settings
-for short runs: shared by the training host tests."""
+"""Tiny models of every trainable family as ComfyUI's loaders give them, training data for them, and Train
+FeRA's node settings for short runs: shared by the training host tests (Train FeRA, SODA)."""
 import torch
 
-from comfy_host import TINY_FAMILIES, setup_comfy, tiny_model
+from comfy_host import TINY_CONTEXT, TINY_FAMILIES, setup_comfy, tiny_model
 
 setup_comfy()
 import comfy.model_base  # noqa: E402
@@ -37,3 +37,27 @@ def tiny(family, seed=0):
     """A ModelPatcher of a tiny `family` model, built and loaded under inference mode like a checkpoint."""
     with torch.inference_mode():
         return tiny_model(family, seed) if family in TINY_FAMILIES else _unet_variant(family, seed)
+
+
+# family -> (latent channels, pooled-output width or None)
+TINY = {"sd15": (4, None), "sd2v": (4, None), "sdxl": (4, 1280), "sd3": (16, TINY_CONTEXT), "flux": (16, TINY_CONTEXT)}
+PREDICTION = {"sd15": "epsilon", "sd2v": "v_prediction", "sdxl": "epsilon", "sd3": "flow", "flux": "flow"}
+
+
+def data(family, n=2, seed=5, per_image=False):
+    """(latents, positive): smooth images (so the tiny model can learn them) and random text conditioning."""
+    channels, pooled = TINY[family]
+    gen = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    lat = torch.stack([torch.sin(xx / (3 + i) + yy / 4 + torch.arange(channels)[:, None, None]) for i in range(n)])
+
+    def cond():
+        extra = {} if pooled is None else {"pooled_output": torch.randn(1, pooled, generator=gen)}
+        if family == "sdxl":
+            extra.update(width=64, height=64)
+        if family == "flux":
+            extra["guidance"] = 3.5
+        return [torch.randn(1, 7, TINY_CONTEXT, generator=gen), extra]
+
+    with torch.inference_mode():
+        return lat * 2, [cond() for _ in range(n if per_image else 1)]

@@ -29,20 +29,24 @@ def _tiny_unet_parts():
 
 
 @pytest.fixture
-def tiny_unet(_tiny_unet_parts):
-    """A fresh copy of the reference's tiny diffusers UNet (eval mode) for each test.
+def one_thread():
+    """One intra-op thread for the test: on a shared, oversubscribed CPU, spinning OpenMP threads made small
+    models and matrices ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
-    The test runs with one intra-op thread: this small UNet gains little from more, and on a
-    shared, oversubscribed CPU spinning OpenMP threads made its forward/backward ~10x slower.
-    """
+
+@pytest.fixture
+def tiny_unet(_tiny_unet_parts, one_thread):
+    """A fresh copy of the reference's tiny diffusers UNet (eval mode) for each test, on one thread
+    (one_thread: this small UNet gains little from more)."""
     from diffusers import UNet2DConditionModel
 
     config, weights = _tiny_unet_parts
     unet = UNet2DConditionModel(**config)
     unet.load_state_dict(weights)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield unet.eval()
-    finally:
-        torch.set_num_threads(threads)
+    return unet.eval()
