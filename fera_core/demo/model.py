@@ -1,13 +1,17 @@
-"""The demo's own diffusion model: a tiny pixel-space flow-matching UNet in plain PyTorch,
-the two synthetic image kinds it meets, and the script that trained its shipped weights.
+"""The demo's own diffusion model: a tiny pixel-space flow-matching UNet in plain PyTorch, conditioned
+on a class label, the synthetic image kinds it meets, and the script that trained its shipped weights.
 
-Base images are smooth: soft-edged discs on colour gradients (no texture). The adaptation
-images differ at both ends of the spectrum: hard-edged rectangles (coarse structure) filled
-with 2-pixel stripes (fine texture). Every attention block has to_q/to_k/to_v/to_out Linear
-children, so FeRAModel finds them as it finds a diffusers UNet's.
+Base classes are smooth: soft-edged discs on colour gradients (label 0) and slow two-colour waves
+(label 1), no texture. The adaptation images differ at both ends of the spectrum: hard-edged
+rectangles (coarse structure) filled with 2-pixel stripes (fine texture). They are taught as a new
+class, label 2 (NEW), which the base model never saw: its embedding is the unlabelled one (NULL),
+so before adaptation the model answers it as it answers no label, with discs and waves (the
+class prior DreamBooth starts from). Labels 0 and 1 are what adaptation must not forget. Every
+attention block has to_q/to_k/to_v/to_out Linear children, so FeRAModel finds them as it finds a
+diffusers UNet's.
 
 Train the shipped weights (settings in the README):
-    python -m fera_core.demo.model --steps 1000 --batch 24 --ema 0.99 --out fera_core/assets/demo_base.safetensors
+    python -m fera_core.demo.model --steps 2000 --batch 24 --ema 0.995 --out fera_core/assets/demo_base.safetensors
 """
 from __future__ import annotations
 
@@ -27,6 +31,9 @@ from ..atomic import atomic_write
 SIZE = 32
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "demo_base.safetensors"
 CHANNELS = (16, 48, 64)
+DISC, WAVE, NEW, NULL = 0, 1, 2, 3  # class labels; NULL: no label (trained by dropping labels)
+LABELS = {"disc": DISC, "wave": WAVE, "new": NEW}
+LABEL_DROPOUT = 0.1
 
 
 def timestep_embedding(sigma: torch.Tensor, dim: int) -> torch.Tensor:
@@ -65,13 +72,15 @@ class Attention(nn.Module):
 
 
 class TinyFlowUNet(nn.Module):
-    """Predicts the flow velocity noise - x0 for x_t = (1 - sigma) x0 + sigma noise (3 x 32 x 32, in [-1, 1])."""
+    """Predicts the flow velocity noise - x0 for x_t = (1 - sigma) x0 + sigma noise (3 x 32 x 32, in [-1, 1]),
+    given class labels cond (B,) (None: NULL, no label)."""
 
     def __init__(self, channels=CHANNELS, tdim: int = 128):
         super().__init__()
         c1, c2, c3 = channels
         self.tdim = tdim
         self.time_mlp = nn.Sequential(nn.Linear(tdim, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        self.label_emb = nn.Embedding(NULL + 1, tdim)
         self.conv_in = nn.Conv2d(3, c1, 3, padding=1)
         self.down = nn.ModuleList([ResBlock(c1, c1, tdim), ResBlock(c1, c2, tdim), ResBlock(c2, c3, tdim)])
         self.down_attn = nn.ModuleList([nn.Identity(), Attention(c2), Attention(c3)])  # no 1024-token attention
@@ -80,7 +89,8 @@ class TinyFlowUNet(nn.Module):
         self.norm_out, self.conv_out = nn.GroupNorm(8, c1), nn.Conv2d(c1, 3, 3, padding=1)
 
     def forward(self, x, sigma, cond=None):
-        temb = self.time_mlp(timestep_embedding(sigma.expand(x.shape[0]), self.tdim))
+        labels = torch.full((x.shape[0],), NULL, device=x.device) if cond is None else cond.to(x.device)
+        temb = self.time_mlp(timestep_embedding(sigma.expand(x.shape[0]), self.tdim)) + self.label_emb(labels)
         h = self.conv_in(x)
         skips = []
         for i, (block, attn) in enumerate(zip(self.down, self.down_attn)):
@@ -112,21 +122,42 @@ def _colours(n: int, g: torch.Generator) -> torch.Tensor:
     return torch.rand(n, 3, 1, 1, generator=g) * 2 - 1
 
 
-def soft_discs(n: int, g: torch.Generator) -> torch.Tensor:
-    """Base images: one or two soft-edged discs on a smooth two-colour gradient."""
+def _soft_shapes(n: int, g: torch.Generator, inside) -> torch.Tensor:
+    """One or two soft-edged shapes on a smooth two-colour gradient; inside(dy, dx, size) is the signed
+    distance (pixels, positive inside) from a shape's edge."""
     yy, xx = _grid(n, g)
     angle = torch.rand(n, 1, 1, generator=g) * 2 * math.pi
     ramp = ((xx - 15.5) * angle.cos() + (yy - 15.5) * angle.sin()) / 45 + 0.5
     img = _colours(n, g) * (1 - ramp[:, None]) + _colours(n, g) * ramp[:, None]
     for k in range(2):
         centre = torch.rand(n, 2, 1, 1, generator=g) * 16 + 8
-        radius = torch.rand(n, 1, 1, generator=g) * 6 + 5
-        dist = ((yy - centre[:, 0]) ** 2 + (xx - centre[:, 1]) ** 2).sqrt()
-        mask = torch.sigmoid((radius - dist) / 1.5)[:, None]
+        size = torch.rand(n, 1, 1, generator=g) * 6 + 5
+        mask = torch.sigmoid(inside(yy - centre[:, 0], xx - centre[:, 1], size) / 1.5)[:, None]
         if k:
             mask = mask * (torch.rand(n, 1, 1, 1, generator=g) < 0.5)
         img = img * (1 - mask) + _colours(n, g) * mask
     return img.clamp(-1, 1)
+
+
+def soft_discs(n: int, g: torch.Generator) -> torch.Tensor:
+    """Label 0: one or two soft-edged discs (radius 5-11) on a smooth gradient."""
+    return _soft_shapes(n, g, lambda dy, dx, radius: radius - (dy**2 + dx**2).sqrt())
+
+
+def soft_waves(n: int, g: torch.Generator) -> torch.Tensor:
+    """Label 1: a smooth wave between two colours (period 10-20 pixels, any direction and phase)."""
+    yy, xx = _grid(n, g)
+    angle = torch.rand(n, 1, 1, generator=g) * math.pi
+    period = torch.rand(n, 1, 1, generator=g) * 10 + 10
+    phase = torch.rand(n, 1, 1, generator=g) * 2 * math.pi
+    wave = 0.5 + 0.5 * torch.sin(2 * math.pi * (xx * angle.cos() + yy * angle.sin()) / period + phase)
+    return (_colours(n, g) * (1 - wave[:, None]) + _colours(n, g) * wave[:, None]).clamp(-1, 1)
+
+
+def base_images(labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Images of the base classes for labels (B,) of DISC or WAVE."""
+    n = labels.shape[0]
+    return torch.where((labels == DISC)[:, None, None, None], soft_discs(n, g), soft_waves(n, g))
 
 
 def striped_tiles(n: int, g: torch.Generator) -> torch.Tensor:
@@ -142,15 +173,16 @@ def striped_tiles(n: int, g: torch.Generator) -> torch.Tensor:
     return (b * (1 - inside) + tile * inside).clamp(-1, 1)
 
 
-def flow_loss(model: nn.Module, x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def flow_loss(model: nn.Module, x0: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     sigma = torch.rand(x0.shape[0], generator=g)
     noise = torch.randn(x0.shape, generator=g)
     s = sigma[:, None, None, None]
-    return F.mse_loss(model((1 - s) * x0 + s * noise, sigma), noise - x0)
+    return F.mse_loss(model((1 - s) * x0 + s * noise, sigma, labels), noise - x0)
 
 
 def train_base(steps: int, batch: int, lr: float, seed: int, ema_decay: float, log=print) -> TinyFlowUNet:
-    """AdamW with cosine decay on fresh soft_discs every step; returns the EMA weights."""
+    """AdamW with cosine decay on fresh discs and waves every step, a tenth of them unlabelled (NULL);
+    returns the EMA weights, with NEW's embedding set to NULL's."""
     torch.manual_seed(seed)
     model = TinyFlowUNet()
     ema = TinyFlowUNet().requires_grad_(False)
@@ -160,7 +192,9 @@ def train_base(steps: int, batch: int, lr: float, seed: int, ema_decay: float, l
     g = torch.Generator().manual_seed(seed)
     start, running = time.time(), None
     for step in range(steps):
-        loss = flow_loss(model, soft_discs(batch, g), g)
+        labels = torch.randint(DISC, WAVE + 1, (batch,), generator=g)
+        shown = torch.where(torch.rand(batch, generator=g) < LABEL_DROPOUT, NULL, labels)
+        loss = flow_loss(model, base_images(labels, g), shown, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -172,15 +206,17 @@ def train_base(steps: int, batch: int, lr: float, seed: int, ema_decay: float, l
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0 or step == steps - 1:
             log(f"step {step:5d}  loss {running:.4f}  {time.time() - start:6.0f} s")
+    with torch.no_grad():
+        ema.label_emb.weight[NEW] = ema.label_emb.weight[NULL]
     return ema.eval()
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fera_core.demo.model", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=24)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--ema", type=float, default=0.99)
+    p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ASSET))
     args = p.parse_args(argv)
