@@ -28,6 +28,16 @@ def _tiny_unet_parts():
     return json.loads((FIXTURES / "tiny_unet_config.json").read_text()), load_file(FIXTURES / "tiny_unet.safetensors")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests: on a shared, oversubscribed CPU spinning OpenMP threads made
+    small tensors' ops ~10x slower (use with pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_unet(_tiny_unet_parts):
     """A fresh copy of the reference's tiny diffusers UNet (eval mode) for each test.

@@ -11,15 +11,7 @@ from fera_core.compare.metrics import (SlicedWasserstein, band_spectrum, laplaci
 from fera_core.demo.model import soft_discs, striped_tiles
 
 N = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors: on a shared, oversubscribed CPU spinning OpenMP threads made them ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
