@@ -216,7 +216,8 @@ def widget_names(info: dict) -> list[str]:
         if _is_widget(spec):
             names.append(name)
             opts = spec[1] if len(spec) > 1 else {}
-            if opts.get("control_after_generate"):
+            # The frontend's rule: an INT named seed or noise_seed gets a control unless the node says otherwise.
+            if opts.get("control_after_generate", spec[0] == "INT" and name in ("seed", "noise_seed")):
                 names.append("control_after_generate")
             if opts.get("image_upload") or opts.get("video_upload") or opts.get("audio_upload"):
                 raise NotImplementedError(f"upload widget of {name} is not modelled")
@@ -242,6 +243,42 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         prompt[str(node["id"])] = {"inputs": inputs, "class_type": node["type"],
                                    "_meta": {"title": node.get("title") or info["display_name"]}}
     return prompt
+
+
+# Core nodes whose interface changed between the tested ComfyUI versions (0.3.64 -> 0.33): Train LoRA lost
+# its model output and gained widgets, Load LoRA Model gained 'bypass'. A workflow saves them as 0.33 does;
+# on an older host ui_to_api_by_name matches them by name, as a user there re-sets and reconnects them.
+CHANGED_CORE_NODES = {"TrainLoraNode", "LoraModelLoader"}
+
+
+def saved_widget_names(node: dict) -> list[str]:
+    """Names of a saved node's widget values, from the workflow's own widget inputs (frontend rule for seeds)."""
+    names = []
+    for slot in node.get("inputs", []):
+        if "widget" in slot:
+            names.append(slot["name"])
+            if slot["type"] == "INT" and slot["name"] in ("seed", "noise_seed"):
+                names.append("control_after_generate")
+    return names
+
+
+def ui_to_api_by_name(workflow: dict, object_info: dict) -> dict:
+    """ui_to_api, but CHANGED_CORE_NODES take their widget values by name (values this host's node has no input
+    for are dropped) and links leave them from the output of the saved output's type."""
+    changed = {n["id"]: n for n in workflow["nodes"] if n["type"] in CHANGED_CORE_NODES}
+    nodes = []
+    for node in workflow["nodes"]:
+        if node["id"] in changed:
+            values = dict(zip(saved_widget_names(node), node.get("widgets_values", []), strict=True))
+            node = dict(node, widgets_values=[values[name] for name in widget_names(object_info[node["type"]])])
+        nodes.append(node)
+    links = []
+    for link in workflow["links"]:
+        link_id, src, slot, dst, dst_slot, typ = link
+        if src in changed:
+            slot = object_info[changed[src]["type"]]["output"].index(typ)
+        links.append([link_id, src, slot, dst, dst_slot, typ])
+    return ui_to_api(dict(workflow, nodes=nodes, links=links), object_info)
 
 
 def small_prompt(object_info: dict, ckpt: str, **node_inputs) -> dict:
